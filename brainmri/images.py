@@ -1,0 +1,75 @@
+"""Image decoding and the deterministic preprocessing shared by training, evaluation and serving."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from torchvision.transforms import v2
+
+IMAGE_MODE = "RGB"  # one mode for every image, whatever the file held (L, RGB, RGBA, P)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+
+class ImageDecodeError(ValueError):
+    """A file or payload is not a decodable image."""
+
+
+def decode_image(source: bytes | Path | str) -> Image.Image:
+    """Decode by content (a PNG named .jpg is fine) and convert to :data:`IMAGE_MODE`."""
+    name = "payload" if isinstance(source, bytes) else str(source)
+    try:
+        data = source if isinstance(source, bytes) else Path(source).read_bytes()
+        if not data:
+            raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()  # forces a full decode: truncated files fail here, not later
+            if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (0, 0, 0, 255))
+                img = Image.alpha_composite(background, img)
+            return img.convert(IMAGE_MODE)
+    except ImageDecodeError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ImageDecodeError(f"{name}: not a readable image ({err})") from err
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """What turns a decoded image into the network's input; saved with every model."""
+
+    image_size: int = 128
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    mode: str = field(default=IMAGE_MODE)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PreprocessConfig:
+        return cls(
+            image_size=int(data["image_size"]),
+            mean=tuple(data["mean"]),
+            std=tuple(data["std"]),
+            mode=data.get("mode", IMAGE_MODE),
+        )
+
+    def resize(self) -> v2.Transform:
+        """PIL image -> uint8 CHW tensor at the model's resolution."""
+        size = (self.image_size, self.image_size)
+        return v2.Compose([v2.PILToTensor(), v2.Resize(size, antialias=True)])
+
+    def normalize(self) -> v2.Transform:
+        """uint8 tensor (C,H,W or N,C,H,W) -> normalised float tensor."""
+        return v2.Compose(
+            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(self.mean), list(self.std))]
+        )
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """The full evaluation/serving transform of one decoded image."""
+        return self.normalize()(self.resize()(image))

@@ -1,0 +1,70 @@
+"""Shared fixtures: one real local S3 server per test session, synthetic demo images."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from brainmri.demo_data import generate_demo_dataset
+from brainmri.local_s3 import LocalS3Server
+from brainmri.storage import ObjectStore
+from tests.kube_emulator import kube_api  # noqa: F401  (fixture shared by promote tests)
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-mri" / "Training"
+
+
+@pytest.fixture(scope="session")
+def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """Start ``weed mini`` with fresh credentials; export them for code and subprocesses."""
+    creds = {
+        "AWS_ACCESS_KEY_ID": f"test{secrets.token_hex(4)}",
+        "AWS_SECRET_ACCESS_KEY": secrets.token_hex(16),
+    }
+    saved = {k: os.environ.get(k) for k in (*creds, "S3_ENDPOINT", "S3_USE_HTTPS")}
+    os.environ.update(creds)
+    server = LocalS3Server(tmp_path_factory.mktemp("weed")).start()
+    os.environ["S3_ENDPOINT"] = server.endpoint
+    os.environ["S3_USE_HTTPS"] = "0"
+    try:
+        yield {**creds, "S3_ENDPOINT": server.endpoint, "S3_USE_HTTPS": "0"}
+    finally:
+        server.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@pytest.fixture()
+def store(s3_env: dict[str, str]) -> ObjectStore:
+    return ObjectStore()
+
+
+@pytest.fixture()
+def bucket(store: ObjectStore, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket per test."""
+    name = f"t{secrets.token_hex(6)}"
+    store.ensure_bucket(name)
+    return name
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic 4-class dataset (12 images per class, 64 px)."""
+    out = tmp_path_factory.mktemp("demo")
+    generate_demo_dataset(out, per_class=12, size=64, seed=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def real_sample_dir() -> Path:
+    """The real dataset in ../shared, or a skip that says why."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real MRI data not found at {SHARED_DATA}; skipping real-data checks")
+    return SHARED_DATA
+
