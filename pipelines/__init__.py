@@ -1,0 +1,1 @@
+"""The Kubeflow pipeline (DAG), its compiler and the command line that runs it."""
