@@ -34,7 +34,11 @@ def decode_image(source: bytes | Path | str) -> Image.Image:
             return img.convert(IMAGE_MODE)
     except ImageDecodeError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except UnidentifiedImageError as err:
+        raise ImageDecodeError(f"{name}: not a readable image (unrecognised format)") from err
+    except Image.DecompressionBombError as err:
+        raise ImageDecodeError(f"{name}: image too large to decode safely ({err})") from err
+    except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{name}: not a readable image ({err})") from err
 
 

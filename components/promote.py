@@ -1,6 +1,9 @@
 """Promote: publish a gated model as a new version and point the InferenceService at it."""
 
 import hashlib
+import json
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -13,7 +16,7 @@ from brainmri.inference_service import (
     render_inference_service,
     to_yaml,
 )
-from brainmri.model import WEIGHTS_FILE
+from brainmri.model import METADATA_FILE, WEIGHTS_FILE
 from brainmri.storage import ObjectStore, S3Uri
 
 PRODUCTION_RECORD = "production.json"
@@ -33,6 +36,14 @@ def model_version(model_dir: Path, now: datetime | None = None) -> str:
     """``<UTC timestamp>-<first 8 hex of the weights' sha256>``: sortable and content-tied."""
     digest = hashlib.sha256(Path(model_dir, WEIGHTS_FILE).read_bytes()).hexdigest()[:8]
     return f"{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}-{digest}"
+
+
+def stamp_version(model_dir: Path, version: str) -> None:
+    """Record ``version`` in the bundle's metadata, so the server reports what it serves."""
+    meta_path = Path(model_dir, METADATA_FILE)
+    meta = json.loads(meta_path.read_text())
+    meta.setdefault("metadata", {})["version"] = version
+    meta_path.write_text(json.dumps(meta, indent=2))
 
 
 def production_record_uri(models_bucket: str, model_name: str) -> S3Uri:
@@ -58,7 +69,10 @@ def promote_model(
     version = model_version(model_dir)
     target = S3Uri(models_bucket, f"{model_name}/{version}")
     store.ensure_bucket(models_bucket)
-    store.upload_dir(Path(model_dir), target)
+    with tempfile.TemporaryDirectory(prefix="promote-") as staging:
+        staged = Path(shutil.copytree(model_dir, Path(staging) / version))
+        stamp_version(staged, version)
+        store.upload_dir(staged, target)
     manifest = render_inference_service(replace(isvc, storage_uri=str(target)))
     if api_client is None:
         action = "skipped: no Kubernetes cluster configured"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from pipelines.pipeline import brain_mri_pipeline
 
-DEFAULT_YAML = Path("pipelines/brain_mri_pipeline.yaml")
+DEFAULT_YAML = Path(__file__).with_name("brain_mri_pipeline.yaml")
 
 
 def compile_pipeline(output: Path = DEFAULT_YAML) -> Path:

@@ -67,4 +67,3 @@ def real_sample_dir() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"real MRI data not found at {SHARED_DATA}; skipping real-data checks")
     return SHARED_DATA
-

@@ -8,7 +8,7 @@ import yaml
 from brainmri.demo_data import generate_demo_dataset
 from brainmri.storage import ObjectStore, S3Uri
 from components.promote import production_record_uri
-from pipelines.__main__ import compile_pipeline, main, run_local
+from pipelines.__main__ import DEFAULT_YAML, compile_pipeline, main, run_local
 
 STEPS = {"ingest", "split", "augment", "train", "evaluate", "gate", "promote"}
 
@@ -55,13 +55,18 @@ def demo_source(s3_env: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def run(source: str, tmp_path: Path, **params: object) -> None:
-    arguments = {"source": source, "models_bucket": "e2e-models", "image_size": 64,
-                 "epochs": 12, "batch_size": 16, **params}
+    arguments = {
+        "source": source,
+        "models_bucket": "e2e-models",
+        "image_size": 64,
+        "epochs": 12,
+        "batch_size": 16,
+        **params,
+    }
     run_local(arguments, tmp_path / "root")
 
 
-def test_pipeline_promotes_a_model_that_passes_the_gate(demo_source: str, tmp_path: Path
-                                                        ) -> None:
+def test_pipeline_promotes_a_model_that_passes_the_gate(demo_source: str, tmp_path: Path) -> None:
     run(demo_source, tmp_path, threshold=0.5, model_name="passes")
     store = ObjectStore()
     record = store.get_json(production_record_uri("e2e-models", "passes"))
@@ -75,3 +80,9 @@ def test_pipeline_promotes_nothing_below_the_threshold(demo_source: str, tmp_pat
     store = ObjectStore()
     store.ensure_bucket("e2e-models")
     assert not list(store.list_keys(S3Uri("e2e-models", "fails")))
+
+
+def test_committed_yaml_is_current(tmp_path: Path) -> None:
+    """The YAML in the repository (for upload in the KFP UI) matches the code."""
+    fresh = compile_pipeline(tmp_path / "fresh.yaml").read_text()
+    assert DEFAULT_YAML.read_text() == fresh, "pipeline YAML is stale: run `make compile`"

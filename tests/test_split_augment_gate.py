@@ -12,8 +12,11 @@ from components.split import split_manifest
 
 
 def manifest(per_class: int = 20) -> pd.DataFrame:
-    rows = [{"path": f"images/{c}/{i}.png", "label": c, "width": 8, "height": 8}
-            for c in ("glioma", "meningioma", "notumor", "pituitary") for i in range(per_class)]
+    rows = [
+        {"path": f"images/{c}/{i}.png", "label": c, "width": 8, "height": 8}
+        for c in ("glioma", "meningioma", "notumor", "pituitary")
+        for i in range(per_class)
+    ]
     return pd.DataFrame(rows)
 
 
@@ -38,8 +41,7 @@ def test_split_rejects_tiny_classes() -> None:
 
 
 def test_augment_config_round_trip_and_transform(tmp_path: Path) -> None:
-    config = AugmentConfig(rotation_degrees=15, brightness=0.1, contrast=0.3,
-                           hflip_probability=1.0)
+    config = AugmentConfig(rotation_degrees=15, brightness=0.1, contrast=0.3, hflip_probability=1.0)
     config.save(tmp_path / "augment.json")
     assert AugmentConfig.load(tmp_path / "augment.json") == config
     image = torch.zeros(3, 16, 16, dtype=torch.uint8)

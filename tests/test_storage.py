@@ -20,8 +20,13 @@ def test_s3_uri_parsing() -> None:
 
 
 def test_settings_come_from_environment_only() -> None:
-    settings = S3Settings.from_env({"S3_ENDPOINT": "https://minio.example:9000",
-                                    "AWS_ACCESS_KEY_ID": "a", "AWS_SECRET_ACCESS_KEY": "b"})
+    settings = S3Settings.from_env(
+        {
+            "S3_ENDPOINT": "https://minio.example:9000",
+            "AWS_ACCESS_KEY_ID": "a",
+            "AWS_SECRET_ACCESS_KEY": "b",
+        }
+    )
     assert settings.endpoint == "minio.example:9000" and settings.secure
     with pytest.raises(SettingsError, match="AWS_SECRET_ACCESS_KEY"):
         S3Settings.from_env({"AWS_ACCESS_KEY_ID": "a"})
@@ -33,8 +38,10 @@ def test_directory_round_trip(store: ObjectStore, bucket: str, tmp_path: Path) -
     (src / "top.txt").write_text("top")
     (src / "a" / "b" / "deep.bin").write_bytes(b"\x00\x01")
     assert store.upload_dir(src, S3Uri(bucket, "prefix"), progress=False) == 2
-    assert sorted(store.list_keys(S3Uri(bucket, "prefix"))) == ["prefix/a/b/deep.bin",
-                                                                 "prefix/top.txt"]
+    assert sorted(store.list_keys(S3Uri(bucket, "prefix"))) == [
+        "prefix/a/b/deep.bin",
+        "prefix/top.txt",
+    ]
     assert store.download_dir(S3Uri(bucket, "prefix"), tmp_path / "dst", progress=False) == 2
     assert (tmp_path / "dst" / "a" / "b" / "deep.bin").read_bytes() == b"\x00\x01"
     store.put_json({"v": 1}, S3Uri(bucket, "x.json"))
@@ -69,7 +76,8 @@ def test_unreachable_server_is_a_clear_error() -> None:
 
 
 def test_local_server_refuses_to_start_without_credentials(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
     with pytest.raises(SettingsError, match="no auth"):
         LocalS3Server(tmp_path).start()

@@ -19,15 +19,17 @@ def prepared(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     out = tmp_path_factory.mktemp("prepared")
     ingest_dataset(str(demo_dir), out / "dataset", progress=False)
     split_manifest(read_manifest(out / "dataset" / MANIFEST_FILE), 0.25, 0.25).to_csv(
-        out / "split.csv", index=False)
+        out / "split.csv", index=False
+    )
     return out / "dataset", out / "split.csv"
 
 
 def test_train_then_evaluate(prepared: tuple[Path, Path], tmp_path: Path) -> None:
     dataset, split_csv = prepared
     config = TrainConfig(epochs=2, image_size=32, batch_size=16)
-    result = train_model(dataset, split_csv, tmp_path / "model", config, AugmentConfig(),
-                         progress=False)
+    result = train_model(
+        dataset, split_csv, tmp_path / "model", config, AugmentConfig(), progress=False
+    )
     assert [h["epoch"] for h in result.history] == [1, 2]
     bundle = ModelBundle.load(tmp_path / "model")
     assert bundle.preprocess.image_size == 32

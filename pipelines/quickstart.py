@@ -1,0 +1,186 @@
+"""``make run``: the whole workflow on this machine, from images to an answered HTTP query.
+
+Starts a local S3 server (unless ``S3_ENDPOINT`` points at one already), loads the demo set (or
+``--data``) into a bucket, runs the real pipeline with ``kfp.local``, serves the promoted model
+with the KServe model server, sends it one image and prints the answer.
+"""
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import requests
+
+from brainmri.demo_data import generate_demo_dataset
+from brainmri.local_s3 import LocalS3Server, free_ports
+from brainmri.storage import ObjectStore, S3Uri, is_s3_uri
+from components.promote import production_record_uri
+from pipelines.__main__ import run_local
+
+RUN_DIR = Path(".run")
+DEMO_URI = S3Uri("demo-data", "brain-mri")
+
+
+def say(message: str) -> None:
+    print(f"\n==> {message}", flush=True)
+
+
+@contextlib.contextmanager
+def object_storage() -> Iterator[None]:
+    """Use the S3 server in ``S3_ENDPOINT`` if set, else run a local one with fresh credentials."""
+    if os.environ.get("S3_ENDPOINT"):
+        say(f"using object storage at {os.environ['S3_ENDPOINT']}")
+        yield
+        return
+    if not os.environ.get("AWS_ACCESS_KEY_ID"):
+        os.environ["AWS_ACCESS_KEY_ID"] = f"local{secrets.token_hex(4)}"
+        os.environ["AWS_SECRET_ACCESS_KEY"] = secrets.token_hex(16)
+        say("generated throw-away credentials for the local S3 server")
+    server = LocalS3Server(RUN_DIR / "s3")
+    say(f"starting local S3 server (SeaweedFS) on {server.endpoint}; log: {server.log_path}")
+    server.start()
+    os.environ["S3_ENDPOINT"] = server.endpoint
+    try:
+        yield
+    finally:
+        say("stopping local S3 server")
+        server.stop()
+
+
+def prepare_source(data: str | None, store: ObjectStore) -> tuple[str, Path | None]:
+    """The pipeline's source, and a local folder to take a query image from (if any)."""
+    if data:
+        return data, None if is_s3_uri(data) else Path(data)
+    demo = RUN_DIR / "demo"
+    say(f"generating the synthetic demo set in {demo}")
+    generate_demo_dataset(demo, per_class=60, size=128, seed=0)
+    say(f"uploading it to {DEMO_URI}")
+    store.upload_dir(demo, DEMO_URI)
+    return str(DEMO_URI), demo
+
+
+@contextlib.contextmanager
+def model_server(model_name: str, storage_uri: str) -> Iterator[str]:
+    """Run ``python -m serving`` on a free port; yields its base URL once the model is ready."""
+    port = free_ports(1)[0]
+    command = [
+        sys.executable,
+        "-m",
+        "serving",
+        "--model_name",
+        model_name,
+        "--storage_uri",
+        storage_uri,
+        "--http_port",
+        str(port),
+    ]
+    say(f"starting the KServe model server: {' '.join(command[1:])}")
+    log = open(RUN_DIR / "serving.log", "w")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"model server exited; see {RUN_DIR / 'serving.log'}")
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"{url}/v1/models/{model_name}", timeout=2).ok:
+                    yield url
+                    return
+            time.sleep(0.5)
+        raise TimeoutError(f"model server not ready in 120 s; see {RUN_DIR / 'serving.log'}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+def query_image(local: Path | None, store: ObjectStore, source: str) -> tuple[str, bytes]:
+    """One image to ask about, with its folder (true class) name."""
+    if local is not None:
+        path = next(p for p in sorted(local.rglob("*")) if p.is_file())
+        return path.parent.name, path.read_bytes()
+    key = next(store.list_keys(S3Uri.parse(source)))
+    return key.split("/")[-2], store.get_bytes(S3Uri(S3Uri.parse(source).bucket, key))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--data",
+        default=os.environ.get("DATA") or None,
+        help="a class-per-folder tree: local folder or s3://bucket/prefix "
+        "(default: the generated demo set)",
+    )
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--backbone", default=None)
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--model-name", default="brain-mri-classifier")
+    parser.add_argument("--models-bucket", default="models")
+    args = parser.parse_args(argv)
+    RUN_DIR.mkdir(exist_ok=True)
+    started = time.monotonic()
+    with object_storage():
+        store = ObjectStore()
+        source, local = prepare_source(args.data, store)
+        record_uri = production_record_uri(args.models_bucket, args.model_name)
+        before = (
+            store.get_json(record_uri)
+            if store.bucket_exists(args.models_bucket) and store.exists(record_uri)
+            else None
+        )
+        say(f"running the pipeline with kfp.local on {source}")
+        overrides = {
+            k: v
+            for k, v in {
+                "epochs": args.epochs,
+                "backbone": args.backbone,
+                "image_size": args.image_size,
+            }.items()
+            if v is not None
+        }
+        run_local(
+            {
+                "source": source,
+                "threshold": args.threshold,
+                "model_name": args.model_name,
+                "models_bucket": args.models_bucket,
+                **overrides,
+            },
+            RUN_DIR / "pipeline-root",
+        )
+        record = store.get_json(record_uri) if store.exists(record_uri) else None
+        if record is None or record == before:
+            say(
+                f"the gate kept production as it was (threshold {args.threshold}); see the "
+                "gate step's log above. Nothing new to serve."
+            )
+            return 1
+        say(
+            f"promoted version {record['version']} (test accuracy {record['accuracy']:.3f}) "
+            f"to {record['storage_uri']}"
+        )
+        truth, image = query_image(local, store, source)
+        with model_server(args.model_name, record["storage_uri"]) as url:
+            body = {"instances": [{"image_bytes": {"b64": base64.b64encode(image).decode()}}]}
+            say(f"POST {url}/v1/models/{args.model_name}:predict (an image of class '{truth}')")
+            answer = requests.post(
+                f"{url}/v1/models/{args.model_name}:predict", json=body, timeout=30
+            )
+            answer.raise_for_status()
+            print(json.dumps(answer.json(), indent=2))
+    say(f"done in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
