@@ -1,20 +1,30 @@
-"""Ingest: copy a class-per-folder image tree (local folder or S3 prefix) into the run's dataset.
+"""Ingest: turn a class-per-folder image tree (local folder or S3 prefix) into a trusted dataset.
 
-Every file is decoded; unreadable ones are quarantined with the reason instead of dropped.
+Every file is decoded (by content, whatever its extension); unreadable files are quarantined
+with the reason, pixel-identical copies inside a class collapse to one, and the same pixels under
+two labels are excluded as a label conflict. Nothing is dropped silently: every excluded file is
+copied or listed in the dataset folder. Decoding runs in a thread pool with bounded memory.
 """
 
+import hashlib
+import io
 import json
+import os
 import shutil
-import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 
 import pandas as pd
+from PIL import Image
 from tqdm import tqdm
 
 from brainmri import CLASS_NAMES
 from brainmri.dataset import MANIFEST_FILE
 from brainmri.images import ImageDecodeError, decode_image
+from brainmri.registry import dataset_record_uri
 from brainmri.storage import ObjectStore, S3Uri, is_s3_uri
 
 # folder names used by other releases of the data set -> canonical label
@@ -26,7 +36,11 @@ CLASS_ALIASES = {
     "no": "notumor",
     "normal": "notumor",
 }
+PRIMARY, EXTERNAL = "primary", "external"
+MANIFEST_COLUMNS = ["path", "label", "width", "height", "mode", "content_hash", "source", "set"]
 QUARANTINE_FILE = "quarantine.csv"
+DUPLICATES_FILE = "duplicates.csv"
+CONFLICTS_FILE = "label_conflicts.csv"
 REPORT_FILE = "ingest_report.json"
 
 
@@ -34,12 +48,27 @@ class DatasetError(ValueError):
     """The source data cannot make a usable data set; the message names the folder or file."""
 
 
+@dataclass(frozen=True)
+class SourceFile:
+    """One file of the source tree: its label, path inside the dataset, origin and reader."""
+
+    label: str | None  # None: not inside a class folder
+    relpath: str  # <label>/<path below the class folder>
+    source: str  # the original path or s3:// URI
+    read: Callable[[], bytes]
+
+
 @dataclass
 class IngestReport:
-    """What ingest found: usable images per class and the quarantined files with reasons."""
+    """What ingest found and what it did with each file."""
 
     class_counts: dict[str, int]
+    fingerprint: str
+    files_seen: int = 0
     quarantined: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[dict[str, str]] = field(default_factory=list)
+    label_conflicts: list[dict[str, str]] = field(default_factory=list)
+    external_counts: dict[str, int] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -58,68 +87,232 @@ def canonical_label(folder: str) -> str:
     return label
 
 
-def _class_folders(root: Path) -> dict[str, list[Path]]:
+def _source_file(parts: tuple[str, ...], source: str, read: Callable[[], bytes]) -> SourceFile:
+    if len(parts) < 2:  # a file directly in the root: keep it, but it has no class
+        return SourceFile(None, f"_unlabelled/{parts[-1]}", source, read)
+    label = canonical_label(parts[0])
+    return SourceFile(label, "/".join((label, *parts[1:])), source, read)
+
+
+def list_source_files(source: str, store: ObjectStore | None = None) -> list[SourceFile]:
+    """Every file of a local folder or ``s3://bucket/prefix``, in a stable order."""
+    if is_s3_uri(source):
+        store = store or ObjectStore()
+        uri = S3Uri.parse(source)
+        base = f"{uri.key}/" if uri.key else ""
+        files = []
+        for key in sorted(store.list_keys(uri)):
+            parts = PurePosixPath(key[len(base) :]).parts
+            obj = S3Uri(uri.bucket, key)
+            files.append(_source_file(parts, str(obj), lambda o=obj: store.get_bytes(o)))
+        if not files:
+            raise DatasetError(f"{source} holds no files; expected <class>/<image> objects")
+        return files
+    root = Path(source)
     if not root.is_dir():
         raise DatasetError(f"source folder {root} does not exist or is not a folder")
-    folders: dict[str, list[Path]] = {}
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        folders.setdefault(canonical_label(sub.name), []).append(sub)
-    if not folders:
-        raise DatasetError(f"{root} holds no class folders; expected <class>/<image> subfolders")
-    return folders
+    paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    if not paths:
+        raise DatasetError(f"{root} holds no files; expected <class>/<image> subfolders")
+    return [_source_file(p.relative_to(root).parts, str(p), p.read_bytes) for p in paths]
 
 
-def ingest_local(root: Path, out_dir: Path, progress: bool = True) -> IngestReport:
-    """Decode every file under ``root/<class>/`` into ``out_dir`` and write the manifest."""
-    out_dir = Path(out_dir)
-    rows, quarantined = [], []
-    files = [
-        (label, sub, f)
-        for label, subs in _class_folders(Path(root)).items()
-        for sub in subs
-        for f in sorted(sub.rglob("*"))
-        if f.is_file()
-    ]
-    for label, sub, src in tqdm(files, desc="ingest", unit="img", disable=not progress):
-        rel = Path(label) / src.relative_to(sub)
-        try:
-            width, height = decode_image(src).size
-        except ImageDecodeError as err:
-            dest = out_dir / "quarantine" / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, dest)
-            quarantined.append({"path": rel.as_posix(), "label": label, "reason": str(err)})
+def _process(item: SourceFile, out_dir: Path, dataset_set: str) -> dict:
+    """Decode one file and store it under images/ or quarantine/; returns its record."""
+    data = item.read()
+    record = {"label": item.label, "source": item.source, "set": dataset_set}
+    try:
+        if item.label is None:
+            raise ImageDecodeError("not inside a class folder; move it into <class>/")
+        image = decode_image(data)
+        with Image.open(io.BytesIO(data)) as header:
+            mode = header.mode
+    except ImageDecodeError as err:
+        dest = Path("quarantine") / dataset_set / item.relpath
+        record.update(path=dest.as_posix(), reason=str(err).removeprefix("payload: "))
+    else:
+        dest = Path("images") / dataset_set / item.relpath
+        digest = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
+        record.update(
+            path=dest.as_posix(),
+            width=image.width,
+            height=image.height,
+            mode=mode,
+            content_hash=digest,
+        )
+    (out_dir / dest).parent.mkdir(parents=True, exist_ok=True)
+    (out_dir / dest).write_bytes(data)
+    return record
+
+
+def _move(out_dir: Path, rel: str, subfolder: str) -> str:
+    """Move a stored image out of the dataset into ``quarantine/<subfolder>/``; new path."""
+    dest = Path("quarantine") / subfolder / Path(rel).relative_to("images")
+    (out_dir / dest).parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(out_dir / rel, out_dir / dest)
+    return dest.as_posix()
+
+
+def deduplicate(images: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    """Collapse same-pixel copies within a class; exclude pixels seen under several labels."""
+    keep, duplicates, conflicts = [], [], []
+    for _, group in images.sort_values("path").groupby(["set", "content_hash"], sort=False):
+        if group["label"].nunique() > 1:
+            labels = sorted(group["label"].unique())
+            for row in group.itertuples():
+                conflicts.append(
+                    {
+                        "source": row.source,
+                        "label": row.label,
+                        "labels": "|".join(labels),
+                        "content_hash": row.content_hash,
+                        "moved_to": _move(out_dir, row.path, "label_conflict"),
+                    }
+                )
             continue
-        dest = out_dir / "images" / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dest)
-        rows.append(
-            {"path": f"images/{rel.as_posix()}", "label": label, "width": width, "height": height}
+        keep.append(group.index[0])
+        kept = group.iloc[0]
+        for row in group.iloc[1:].itertuples():
+            duplicates.append(
+                {
+                    "source": row.source,
+                    "label": row.label,
+                    "duplicate_of": kept["source"],
+                    "moved_to": _move(out_dir, row.path, "duplicate"),
+                }
+            )
+    return images.loc[sorted(keep)], duplicates, conflicts
+
+
+def dataset_fingerprint(manifest: pd.DataFrame) -> str:
+    """sha256 of the (set, label, pixel hash) triples: renaming or re-uploading is not new data."""
+    lines = sorted(
+        f"{s},{lbl},{h}"
+        for s, lbl, h in zip(
+            manifest["set"], manifest["label"], manifest["content_hash"], strict=True
         )
-    manifest = pd.DataFrame(rows, columns=["path", "label", "width", "height"])
-    counts = {c: int((manifest["label"] == c).sum()) for c in CLASS_NAMES}
-    report = IngestReport(counts, quarantined)
-    pd.DataFrame(quarantined, columns=["path", "label", "reason"]).to_csv(
-        out_dir / QUARANTINE_FILE, index=False
     )
-    (out_dir / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
-    empty = [c for c, n in counts.items() if n == 0]
-    if empty:
-        raise DatasetError(
-            f"class(es) {empty} have no readable images in {root} (quarantined: "
-            f"{len(quarantined)}, see {out_dir / QUARANTINE_FILE}); add images for every class"
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def _ingest_set(
+    files: list[SourceFile], out_dir: Path, dataset_set: str, workers: int, progress: bool
+) -> Iterator[dict]:
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        yield from tqdm(
+            pool.map(lambda f: _process(f, out_dir, dataset_set), files),
+            total=len(files),
+            desc=f"ingest {dataset_set}",
+            unit="img",
+            disable=not progress,
         )
+
+
+def ingest_dataset(
+    source: str,
+    out_dir: Path,
+    store: ObjectStore | None = None,
+    *,
+    external_test_source: str = "",
+    max_quarantine_fraction: float = 0.05,
+    workers: int | None = None,
+    progress: bool = True,
+) -> IngestReport:
+    """Ingest ``source`` (and an optional external test set) into ``out_dir``.
+
+    Writes ``manifest.csv`` (path, label, width, height, mode, content_hash, source, set), the
+    quarantine, duplicate and label-conflict lists, and ``ingest_report.json``.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    workers = workers or min(8, 2 * (os.cpu_count() or 1))
+    sources = {PRIMARY: source, EXTERNAL: external_test_source}
+    records = []
+    for dataset_set, location in sources.items():
+        if location:
+            files = list_source_files(location, store)
+            records += list(_ingest_set(files, out_dir, dataset_set, workers, progress))
+    frame = pd.DataFrame(records, columns=[*MANIFEST_COLUMNS, "reason"])
+    bad = frame[frame["reason"].notna()]
+    quarantined = bad[["path", "label", "source", "reason"]].fillna("").to_dict("records")
+    manifest, duplicates, conflicts = deduplicate(frame.drop(bad.index), out_dir)
+    manifest = manifest.reindex(columns=MANIFEST_COLUMNS).astype({"width": int, "height": int})
+
+    def counts(dataset_set: str) -> dict[str, int]:
+        labels = manifest.loc[manifest["set"] == dataset_set, "label"]
+        return {c: int((labels == c).sum()) for c in CLASS_NAMES}
+
+    report = IngestReport(
+        counts(PRIMARY),
+        dataset_fingerprint(manifest),
+        len(frame),
+        quarantined,
+        duplicates,
+        conflicts,
+        counts(EXTERNAL) if external_test_source else {},
+    )
+    for name, rows in (
+        (QUARANTINE_FILE, quarantined),
+        (DUPLICATES_FILE, duplicates),
+        (CONFLICTS_FILE, conflicts),
+    ):
+        pd.DataFrame(rows).to_csv(out_dir / name, index=False)
+    (out_dir / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
+    _check(report, source, out_dir, max_quarantine_fraction)
     manifest.to_csv(out_dir / MANIFEST_FILE, index=False)
     return report
 
 
-def ingest_dataset(
-    source: str, out_dir: Path, store: ObjectStore | None = None, progress: bool = True
-) -> IngestReport:
-    """Ingest from a local folder or an ``s3://bucket/prefix`` holding ``<class>/<image>``."""
-    if not is_s3_uri(source):
-        return ingest_local(Path(source), out_dir, progress)
-    store = store or ObjectStore()
-    with tempfile.TemporaryDirectory(prefix="ingest-") as staging:
-        store.download_dir(S3Uri.parse(source), Path(staging), progress=progress)
-        return ingest_local(Path(staging), out_dir, progress)
+def _check(report: IngestReport, source: str, out_dir: Path, max_fraction: float) -> None:
+    """Fail, naming what to fix, when the data cannot train a trustworthy model."""
+    fraction = len(report.quarantined) / max(report.files_seen, 1)
+    if fraction > max_fraction:
+        examples = "; ".join(f"{q['source']}: {q['reason']}" for q in report.quarantined[:3])
+        raise DatasetError(
+            f"{len(report.quarantined)} of {report.files_seen} files ({fraction:.1%}) are "
+            f"unreadable, above the allowed {max_fraction:.1%} (max_quarantine_fraction); "
+            f"see {out_dir / QUARANTINE_FILE}. First: {examples}"
+        )
+    empty = [c for c, n in report.class_counts.items() if n == 0]
+    if empty:
+        raise DatasetError(
+            f"class(es) {empty} have no usable images in {source} (quarantined: "
+            f"{len(report.quarantined)}, see {out_dir / QUARANTINE_FILE}); add images for "
+            "every class"
+        )
+
+
+def check_new_data(
+    fingerprint: str, production: dict | None, skip_if_unchanged: bool
+) -> tuple[bool, str]:
+    """Whether to go on training, and why; stops only when asked and the data is unchanged."""
+    served = (production or {}).get("data_fingerprint")
+    if not skip_if_unchanged:
+        return True, "new-data check off (skip_if_unchanged=False)"
+    if served is None:
+        return True, "no production model trained on a recorded dataset yet"
+    if served == fingerprint:
+        return False, (
+            f"dataset {fingerprint[:12]} is the one production was trained on; "
+            "nothing new to learn, stopping early"
+        )
+    return True, f"new data: {fingerprint[:12]} differs from production's {served[:12]}"
+
+
+def record_dataset(
+    store: ObjectStore, models_bucket: str, model_name: str, report: IngestReport, source: str
+) -> S3Uri:
+    """Record the dataset fingerprint (with its counts) in the models bucket."""
+    uri = dataset_record_uri(models_bucket, model_name, report.fingerprint)
+    store.ensure_bucket(models_bucket)
+    store.put_json(
+        {
+            "fingerprint": report.fingerprint,
+            "source": source,
+            "class_counts": report.class_counts,
+            "external_counts": report.external_counts,
+            "recorded_at": datetime.now(UTC).isoformat(),
+        },
+        uri,
+    )
+    return uri

@@ -12,6 +12,7 @@ from kfp.dsl import (
     ClassificationMetrics,
     Dataset,
     Input,
+    Markdown,
     Metrics,
     Model,
     Output,
@@ -21,42 +22,81 @@ from components import COMPONENT_IMAGE
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
-def ingest(source: str, dataset: Output[Dataset]) -> int:
-    """Copy and validate the source images; outputs the dataset folder and its image count."""
+def ingest(
+    source: str,
+    dataset: Output[Dataset],
+    data_report: Output[Markdown],
+    external_test_source: str = "",
+    models_bucket: str = "models",
+    model_name: str = "brain-mri-classifier",
+    skip_if_unchanged: bool = False,
+    max_quarantine_fraction: float = 0.05,
+) -> NamedTuple("IngestOutputs", [("num_images", int), ("fingerprint", str), ("proceed", bool)]):
+    """Validate and deduplicate the source images, report them, and decide whether to train."""
     from pathlib import Path
+    from typing import NamedTuple
 
-    from components.ingest import ingest_dataset
+    from brainmri.dataset import MANIFEST_FILE, read_manifest
+    from brainmri.registry import read_production_record
+    from brainmri.storage import ObjectStore
+    from components.data_report import render_data_report
+    from components.ingest import check_new_data, ingest_dataset, record_dataset
 
-    report = ingest_dataset(source, Path(dataset.path))
+    store = ObjectStore()
+    report = ingest_dataset(
+        source,
+        Path(dataset.path),
+        store,
+        external_test_source=external_test_source,
+        max_quarantine_fraction=max_quarantine_fraction,
+    )
+    manifest = read_manifest(Path(dataset.path) / MANIFEST_FILE)
+    Path(data_report.path).write_text(
+        render_data_report(report, manifest, Path(dataset.path), source)
+    )
+    record_dataset(store, models_bucket, model_name, report, source)
+    production = read_production_record(store, models_bucket, model_name)
+    proceed, reason = check_new_data(report.fingerprint, production, skip_if_unchanged)
+    print(f"new-data check: {'TRAIN' if proceed else 'STOP'}: {reason}")
     dataset.metadata.update(
         {
             "class_counts": report.class_counts,
+            "fingerprint": report.fingerprint,
             "quarantined": len(report.quarantined),
+            "duplicates": len(report.duplicates),
+            "label_conflicts": len(report.label_conflicts),
             "source": source,
         }
     )
-    return report.total
+    return NamedTuple(
+        "IngestOutputs", [("num_images", int), ("fingerprint", str), ("proceed", bool)]
+    )(report.total, report.fingerprint, proceed)
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def split(
     dataset: Input[Dataset],
     split_manifest_csv: Output[Dataset],
+    split_metrics: Output[Metrics],
     val_fraction: float,
     test_fraction: float,
     seed: int,
 ) -> None:
-    """Write the split manifest (``split.csv``) for the ingested dataset."""
+    """Write the duplicate-aware split manifest and log its sizes and the leakage check."""
     from pathlib import Path
 
     from brainmri.dataset import MANIFEST_FILE, read_manifest
-    from components.split import split_manifest
+    from components.split import leaked_groups, split_manifest
 
     frame = split_manifest(
         read_manifest(Path(dataset.path) / MANIFEST_FILE), val_fraction, test_fraction, seed
     )
     frame.to_csv(split_manifest_csv.path, index=False)
-    split_manifest_csv.metadata.update(frame["split"].value_counts().to_dict())
+    sizes = frame["split"].value_counts().to_dict()
+    split_manifest_csv.metadata.update(sizes)
+    for name, count in sizes.items():
+        split_metrics.log_metric(f"{name}_images", count)
+    split_metrics.log_metric("leaked_images", leaked_groups(frame))
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)

@@ -1,4 +1,4 @@
-"""Ingest from local folders and S3: decoding, aliases, quarantine and clear failures."""
+"""Ingest from local folders and S3: decoding, aliases, dedup, quarantine, new-data detection."""
 
 import io
 import shutil
@@ -10,13 +10,26 @@ from PIL import Image
 
 from brainmri import CLASS_NAMES
 from brainmri.dataset import MANIFEST_FILE, read_manifest
-from brainmri.storage import ObjectStore, S3Uri
+from brainmri.registry import dataset_record_uri
+from brainmri.storage import ObjectStore, S3Uri, StorageError
+from components.data_report import render_data_report
 from components.ingest import (
+    CONFLICTS_FILE,
+    DUPLICATES_FILE,
     QUARANTINE_FILE,
     DatasetError,
     canonical_label,
+    check_new_data,
     ingest_dataset,
+    record_dataset,
 )
+
+PNG_NAMED_JPG = ["notumor/Tr-no_1005.jpg", "notumor/Tr-no_1011.jpg", "notumor/Tr-no_1012.jpg"]
+DUPLICATE_GROUP = [
+    "meningioma/Tr-me_0176.jpg",
+    "meningioma/Tr-me_0211.jpg",
+    "meningioma/Tr-me_0366.jpg",
+]
 
 
 def copy_tree(src: Path, dst: Path) -> Path:
@@ -24,72 +37,216 @@ def copy_tree(src: Path, dst: Path) -> Path:
     return dst
 
 
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def ingest(src: Path | str, out: Path, **kwargs: object):  # noqa: ANN201 - report
+    return ingest_dataset(str(src), out, progress=False, **kwargs)
+
+
 def test_ingests_every_class(demo_dir: Path, tmp_path: Path) -> None:
-    report = ingest_dataset(str(demo_dir), tmp_path / "out", progress=False)
+    report = ingest(demo_dir, tmp_path / "out")
     assert report.class_counts == dict.fromkeys(CLASS_NAMES, 12)
     manifest = read_manifest(tmp_path / "out" / MANIFEST_FILE)
+    assert list(manifest.columns) == [
+        "path",
+        "label",
+        "width",
+        "height",
+        "mode",
+        "content_hash",
+        "source",
+        "set",
+    ]
     assert len(manifest) == 48 and set(manifest["label"]) == set(CLASS_NAMES)
     assert all((tmp_path / "out" / p).is_file() for p in manifest["path"])
-    assert (manifest["width"] == 64).all()
+    assert (manifest["width"] == 64).all() and (manifest["mode"] == "L").all()
+    assert manifest["content_hash"].is_unique
 
 
 def test_bad_files_are_quarantined_not_dropped(demo_dir: Path, tmp_path: Path) -> None:
     src = copy_tree(demo_dir, tmp_path / "src")
+    png = encoded(Image.new("RGBA", (40, 40), (255, 0, 0, 128)))
     (src / "glioma" / "empty.jpg").write_bytes(b"")
     (src / "glioma" / "notes.jpg").write_text("not an image")
-    png = io.BytesIO()
-    Image.new("RGBA", (40, 40), (255, 0, 0, 128)).save(png, format="PNG")
-    (src / "meningioma" / "really_png.jpg").write_bytes(png.getvalue())  # PNG named .jpg
-    (src / "pituitary" / "truncated.png").write_bytes(png.getvalue()[:60])
-    report = ingest_dataset(str(src), tmp_path / "out", progress=False)
-    reasons = {q["path"]: q["reason"] for q in report.quarantined}
-    assert set(reasons) == {"glioma/empty.jpg", "glioma/notes.jpg", "pituitary/truncated.png"}
+    (src / "meningioma" / "really_png.jpg").write_bytes(png)  # PNG named .jpg
+    (src / "pituitary" / "truncated.jpg").write_bytes(
+        encoded(Image.new("L", (64, 64), 90), "JPEG")[:200]
+    )
+    (src / "README.txt").write_text("a file outside any class folder")
+    report = ingest(src, tmp_path / "out", max_quarantine_fraction=0.2)
+    reasons = {q["source"].removeprefix(f"{src}/"): q["reason"] for q in report.quarantined}
+    assert set(reasons) == {
+        "glioma/empty.jpg",
+        "glioma/notes.jpg",
+        "pituitary/truncated.jpg",
+        "README.txt",
+    }
     assert "empty file" in reasons["glioma/empty.jpg"]
-    assert report.class_counts["meningioma"] == 13  # the PNG named .jpg was decoded
-    listed = pd.read_csv(tmp_path / "out" / QUARANTINE_FILE)
-    assert len(listed) == 3
-    assert (tmp_path / "out" / "quarantine" / "glioma" / "notes.jpg").is_file()
+    assert "unrecognised format" in reasons["glioma/notes.jpg"]
+    assert "not inside a class folder" in reasons["README.txt"]
+    assert report.class_counts["meningioma"] == 13  # the PNG named .jpg was decoded by content
+    assert len(pd.read_csv(tmp_path / "out" / QUARANTINE_FILE)) == 4
+    assert (tmp_path / "out" / "quarantine" / "primary" / "glioma" / "notes.jpg").is_file()
 
 
-def test_class_aliases_and_unknown_folders() -> None:
+def test_modes_are_converted_and_recorded(demo_dir: Path, tmp_path: Path) -> None:
+    src = copy_tree(demo_dir, tmp_path / "src")
+    (src / "glioma" / "rgba.png").write_bytes(encoded(Image.new("RGBA", (30, 20), (9, 9, 9, 99))))
+    (src / "glioma" / "palette.png").write_bytes(encoded(Image.new("P", (30, 20), 7)))
+    (src / "glioma" / "rgb.jpg").write_bytes(
+        encoded(Image.new("RGB", (30, 20), (1, 50, 3)), "JPEG")
+    )
+    ingest(src, tmp_path / "out")
+    manifest = read_manifest(tmp_path / "out" / MANIFEST_FILE).set_index("source")
+    assert manifest.loc[str(src / "glioma" / "rgba.png"), "mode"] == "RGBA"
+    assert manifest.loc[str(src / "glioma" / "palette.png"), "mode"] == "P"
+    assert manifest.loc[str(src / "glioma" / "rgb.jpg"), "width"] == 30
+
+
+def test_duplicates_collapse_and_label_conflicts_are_excluded(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    src = copy_tree(demo_dir, tmp_path / "src")
+    first = sorted((src / "glioma").iterdir())[0]
+    shutil.copy(first, src / "glioma" / "copy_a.png")  # same class: collapses to one
+    shutil.copy(first, src / "glioma" / "copy_b.png")
+    conflict = sorted((src / "notumor").iterdir())[0]
+    shutil.copy(conflict, src / "pituitary" / "same_pixels.png")  # two labels: excluded
+    report = ingest(src, tmp_path / "out")
+    assert report.class_counts["glioma"] == 12
+    kept = min(str(first), str(src / "glioma" / "copy_a.png"))  # the first path is kept
+    assert {d["duplicate_of"] for d in report.duplicates} == {kept}
+    assert len(report.duplicates) == 2
+    assert {c["label"] for c in report.label_conflicts} == {"notumor", "pituitary"}
+    assert report.class_counts["notumor"] == 11 and report.class_counts["pituitary"] == 12
+    assert len(pd.read_csv(tmp_path / "out" / DUPLICATES_FILE)) == 2
+    assert len(pd.read_csv(tmp_path / "out" / CONFLICTS_FILE)) == 2
+    manifest = read_manifest(tmp_path / "out" / MANIFEST_FILE)
+    assert manifest["content_hash"].is_unique
+    assert (
+        tmp_path
+        / "out"
+        / "quarantine"
+        / "label_conflict"
+        / "primary"
+        / "pituitary"
+        / "same_pixels.png"
+    ).is_file()
+
+
+def test_too_many_unreadable_files_fail_the_run(demo_dir: Path, tmp_path: Path) -> None:
+    src = copy_tree(demo_dir, tmp_path / "src")
+    for i in range(6):
+        (src / "glioma" / f"broken{i}.jpg").write_bytes(b"junk")
+    with pytest.raises(
+        DatasetError,
+        match=r"6 of 54 files \(11.1%\) are unreadable.*"
+        r"max_quarantine_fraction",
+    ):
+        ingest(src, tmp_path / "out", max_quarantine_fraction=0.1)
+
+
+def test_class_aliases_and_unknown_folders(demo_dir: Path, tmp_path: Path) -> None:
     assert canonical_label("glioma_tumor") == "glioma"
     assert canonical_label("No Tumor") == "notumor"
+    src = copy_tree(demo_dir, tmp_path / "src")
+    (src / "glioma").rename(src / "glioma_tumor")
+    assert ingest(src, tmp_path / "out").class_counts["glioma"] == 12
+    (src / "astrocytoma").mkdir()
+    (src / "astrocytoma" / "x.png").write_bytes(b"")
     with pytest.raises(DatasetError, match="unknown class folder 'astrocytoma'"):
-        canonical_label("astrocytoma")
+        ingest(src, tmp_path / "out2")
 
 
 def test_empty_class_is_a_clear_error(demo_dir: Path, tmp_path: Path) -> None:
     src = copy_tree(demo_dir, tmp_path / "src")
-    for f in (src / "pituitary").iterdir():
-        f.write_bytes(b"broken")
-    with pytest.raises(DatasetError, match=r"\['pituitary'\] have no readable images"):
-        ingest_dataset(str(src), tmp_path / "out", progress=False)
+    shutil.rmtree(src / "pituitary")
+    with pytest.raises(DatasetError, match=r"\['pituitary'\] have no usable images"):
+        ingest(src, tmp_path / "out")
 
 
 def test_missing_source_folder(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
-        ingest_dataset(str(tmp_path / "nowhere"), tmp_path / "out", progress=False)
+        ingest(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_fingerprint_ignores_names_but_not_content(demo_dir: Path, tmp_path: Path) -> None:
+    base = ingest(demo_dir, tmp_path / "a").fingerprint
+    src = copy_tree(demo_dir, tmp_path / "src")
+    (src / "glioma" / "glioma_0000.png").rename(src / "glioma" / "renamed.png")
+    assert ingest(src, tmp_path / "b").fingerprint == base
+    shutil.copy(demo_dir / "glioma" / "glioma_0000.png", src / "notumor" / "moved.png")
+    (src / "glioma" / "renamed.png").unlink()
+    assert ingest(src, tmp_path / "c").fingerprint != base
+
+
+def test_external_test_set_is_ingested_separately(demo_dir: Path, tmp_path: Path) -> None:
+    from brainmri.demo_data import generate_demo_dataset
+
+    external = tmp_path / "external"
+    generate_demo_dataset(external, per_class=3, size=64, seed=99, progress=False)
+    report = ingest(demo_dir, tmp_path / "out", external_test_source=str(external))
+    assert report.external_counts == dict.fromkeys(CLASS_NAMES, 3)
+    manifest = read_manifest(tmp_path / "out" / MANIFEST_FILE)
+    assert manifest["set"].value_counts().to_dict() == {"primary": 48, "external": 12}
 
 
 def test_ingests_from_s3(store: ObjectStore, bucket: str, demo_dir: Path, tmp_path: Path) -> None:
     store.upload_dir(demo_dir, S3Uri(bucket, "incoming"), progress=False)
-    report = ingest_dataset(f"s3://{bucket}/incoming", tmp_path / "out", store, progress=False)
+    report = ingest(f"s3://{bucket}/incoming", tmp_path / "out", store=store)
     assert report.total == 48
+    manifest = read_manifest(tmp_path / "out" / MANIFEST_FILE)
+    assert manifest["source"].str.startswith(f"s3://{bucket}/incoming/").all()
 
 
 def test_missing_bucket_source(store: ObjectStore, tmp_path: Path) -> None:
-    from brainmri.storage import StorageError
-
     with pytest.raises(StorageError, match="bucket 'absent-bucket' does not exist"):
-        ingest_dataset("s3://absent-bucket/data", tmp_path / "out", store, progress=False)
+        ingest("s3://absent-bucket/data", tmp_path / "out", store=store)
 
 
-def test_real_sample_loads(real_sample_dir: Path, tmp_path: Path) -> None:
-    """A few real slices per class, including mixed modes, decode and get recorded."""
+def test_new_data_decision_and_record(
+    store: ObjectStore, bucket: str, demo_dir: Path, tmp_path: Path
+) -> None:
+    report = ingest(demo_dir, tmp_path / "out")
+    uri = record_dataset(store, bucket, "clf", report, str(demo_dir))
+    assert uri == dataset_record_uri(bucket, "clf", report.fingerprint)
+    assert store.get_json(uri)["class_counts"] == report.class_counts
+    same = {"data_fingerprint": report.fingerprint}
+    assert check_new_data(report.fingerprint, same, skip_if_unchanged=True)[0] is False
+    assert check_new_data(report.fingerprint, same, skip_if_unchanged=False)[0] is True
+    assert check_new_data(report.fingerprint, None, skip_if_unchanged=True)[0] is True
+    other = {"data_fingerprint": "0" * 64}
+    proceed, reason = check_new_data(report.fingerprint, other, skip_if_unchanged=True)
+    assert proceed and "new data" in reason
+
+
+def test_data_report(demo_dir: Path, tmp_path: Path) -> None:
+    src = copy_tree(demo_dir, tmp_path / "src")
+    (src / "glioma" / "bad.jpg").write_bytes(b"junk")
+    report = ingest(src, tmp_path / "out", max_quarantine_fraction=0.5)
+    manifest = read_manifest(tmp_path / "out" / MANIFEST_FILE)
+    text = render_data_report(report, manifest, tmp_path / "out", str(src))
+    assert "| glioma | 12 |" in text and "Quarantined (unreadable): 1" in text
+    assert "bad.jpg" in text and "data:image/jpeg;base64," in text
+
+
+def test_real_sample_png_named_jpg_and_duplicates(real_sample_dir: Path, tmp_path: Path) -> None:
+    """Real slices: PNGs named .jpg (RGB, RGBA, P) decode; a known duplicate group collapses."""
     src = tmp_path / "src"
-    for label in CLASS_NAMES:
-        (src / label).mkdir(parents=True)
-        for f in sorted((real_sample_dir / label).iterdir())[:5]:
-            shutil.copy(f, src / label / f.name)
-    report = ingest_dataset(str(src), tmp_path / "out", progress=False)
-    assert report.class_counts == dict.fromkeys(CLASS_NAMES, 5) and not report.quarantined
+    picks = [*PNG_NAMED_JPG, *DUPLICATE_GROUP]
+    for label in CLASS_NAMES:  # plus a few ordinary slices so every class is present
+        picks += [f"{label}/{p.name}" for p in sorted((real_sample_dir / label).iterdir())[:3]]
+    for rel in picks:
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(real_sample_dir / rel, src / rel)
+    report = ingest(src, tmp_path / "out")
+    assert not report.quarantined and not report.label_conflicts
+    manifest = read_manifest(tmp_path / "out" / MANIFEST_FILE)
+    sources = set(manifest["source"].str.removeprefix(f"{src}/"))
+    assert set(PNG_NAMED_JPG) <= sources
+    assert len(report.duplicates) == 2
+    assert {d["duplicate_of"] for d in report.duplicates} == {str(src / DUPLICATE_GROUP[0])}
