@@ -5,11 +5,19 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 PIPELINE_YAML := pipelines/brain_mri_pipeline.yaml
+REGISTRY ?= ghcr.io/brain-mri-mlops
+TAG ?= 0.1.0
+COMPONENT_IMAGE ?= $(REGISTRY)/components:$(TAG)
+SERVING_IMAGE ?= $(REGISTRY)/predictor:$(TAG)
+DOCKER ?= docker
+CLUSTER_YAML ?= build/brain_mri_pipeline.yaml
+GPU ?=
+CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 
-.PHONY: help venv run test lint format compile manifests clean
+.PHONY: help venv run test lint format compile manifests clean images cluster-yaml upload
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,8 +41,26 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-compile: $(STAMP) ## write the pipeline YAML for the KFP UI
-	$(BIN)/python -m pipelines compile --output $(PIPELINE_YAML)
+compile: $(STAMP) ## write the committed pipeline YAML (default images) for the KFP UI
+	env -u COMPONENT_IMAGE $(BIN)/python -m pipelines compile --output $(PIPELINE_YAML)
+
+images: ## build the component and predictor images as COMPONENT_IMAGE / SERVING_IMAGE (REGISTRY=, TAG=)
+	@$(DOCKER) info >/dev/null 2>&1 || { \
+	  echo "no Docker engine: '$(DOCKER) info' failed, so no image was built."; \
+	  echo "Start one (or set DOCKER_HOST / DOCKER=podman), or build elsewhere with:"; \
+	  echo "  docker build -f components/Dockerfile -t $(COMPONENT_IMAGE) ."; \
+	  echo "  docker build -f serving/Dockerfile -t $(SERVING_IMAGE) ."; \
+	  exit 1; }
+	$(DOCKER) build -f components/Dockerfile -t $(COMPONENT_IMAGE) .
+	$(DOCKER) build -f serving/Dockerfile -t $(SERVING_IMAGE) .
+	@echo "built $(COMPONENT_IMAGE) and $(SERVING_IMAGE)"
+	@echo "next: $(DOCKER) push both, then make cluster-yaml (or make upload) with the same REGISTRY/TAG"
+
+cluster-yaml: $(STAMP) ## compile for your cluster: your images, GPU=1 for a GPU train step (writes CLUSTER_YAML)
+	$(BIN)/python -m pipelines compile --output $(CLUSTER_YAML) $(CLUSTER_FLAGS)
+
+upload: $(STAMP) ## upload a new pipeline version to KFP (KFP_HOST, KFP_TOKEN; your images; GPU=1)
+	$(BIN)/python -m pipelines upload $(CLUSTER_FLAGS)
 
 manifests: $(STAMP) ## render the kustomize overlays with the bundled kubectl (needs manifests/base/minio.env)
 	@test -f manifests/base/minio.env || { echo "manifests/base/minio.env missing: cp manifests/base/minio.env.example manifests/base/minio.env and set the credentials"; exit 1; }

@@ -4,30 +4,70 @@ from pathlib import Path
 
 import pytest
 import yaml
+from kfp import dsl
 
 from brainmri.demo_data import generate_demo_dataset
 from brainmri.storage import ObjectStore, S3Uri
 from components.promote import production_record_uri
 from pipelines.__main__ import DEFAULT_YAML, compile_pipeline, main, run_local
+from pipelines.cluster import ClusterOptions, apply_cluster_options
+from pipelines.pipeline import build_pipeline
 
 STEPS = {"ingest", "split", "augment", "train", "evaluate", "gate", "promote"}
+OBJECT_STORAGE_STEPS = {"ingest", "promote"}
+
+
+def compile_to_dicts(path: Path, options: ClusterOptions | None = None) -> tuple[dict, dict]:
+    """The pipeline spec and the Kubernetes platform executors of a compile."""
+    documents = list(yaml.safe_load_all(compile_pipeline(path, options).read_text()))
+    platform = documents[1] if len(documents) > 1 else {}
+    executors = platform.get("platforms", {}).get("kubernetes", {}).get("deploymentSpec", {})
+    return documents[0], executors.get("executors", {})
+
+
+def all_tasks(spec: dict) -> dict[str, dict]:
+    """Every task of the root DAG and of sub-DAGs (the accuracy gate's condition)."""
+    dags = [spec["root"]["dag"]] + [c["dag"] for c in spec["components"].values() if "dag" in c]
+    return {name: task for dag in dags for name, task in dag["tasks"].items()}
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    path = compile_pipeline(tmp_path_factory.mktemp("yaml") / "pipeline.yaml")
-    return yaml.safe_load(path.read_text())
+def compiled_both(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    return compile_to_dicts(tmp_path_factory.mktemp("yaml") / "pipeline.yaml")
 
 
-def test_compiled_yaml_has_every_step_and_the_gate(compiled: dict) -> None:
+@pytest.fixture(scope="module")
+def compiled(compiled_both: tuple[dict, dict]) -> dict:
+    return compiled_both[0]
+
+
+@pytest.fixture(scope="module")
+def gpu_compiled(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict]:
+    path = tmp_path_factory.mktemp("gpu") / "pipeline.yaml"
+    return compile_to_dicts(path, ClusterOptions(gpu=True))
+
+
+def test_compiled_yaml_has_every_step_and_the_gates(compiled: dict) -> None:
     executors = compiled["deploymentSpec"]["executors"]
     assert {name.removeprefix("exec-") for name in executors} == STEPS
-    root_tasks = compiled["root"]["dag"]["tasks"]
-    condition = next(t for t in root_tasks.values() if "triggerPolicy" in t)
-    assert "gate-Output" in condition["triggerPolicy"]["condition"]
-    assert "promote" in compiled["components"][condition["componentRef"]["name"]]["dag"]["tasks"]
+    conditions = {
+        name: task for name, task in all_tasks(compiled).items() if "triggerPolicy" in task
+    }
+    by_channel = {task["triggerPolicy"]["condition"]: task for task in conditions.values()}
+    new_data = next(t for c, t in by_channel.items() if "ingest-proceed" in c)
+    accuracy = next(t for c, t in by_channel.items() if "gate-Output" in c)
+    new_data_dag = compiled["components"][new_data["componentRef"]["name"]]["dag"]["tasks"]
+    assert {"split", "train", "evaluate", "gate"} <= set(new_data_dag)
+    assert "promote" in compiled["components"][accuracy["componentRef"]["name"]]["dag"]["tasks"]
     params = compiled["root"]["inputDefinitions"]["parameters"]
-    assert {"source", "threshold", "epochs", "backbone"} <= set(params)
+    assert {
+        "source",
+        "threshold",
+        "epochs",
+        "backbone",
+        "skip_if_unchanged",
+        "external_test_source",
+    } <= set(params)
     assert "isOptional" not in params["source"]  # the only required parameter
 
 
@@ -36,6 +76,128 @@ def test_components_run_in_the_shared_image_without_reinstalling_kfp(compiled: d
         container = executor["container"]
         assert container["image"].endswith("/components:0.1.0")
         assert "pip install" not in " ".join(container["command"])
+
+
+def test_every_step_has_cpu_and_memory_requests_and_limits(compiled: dict) -> None:
+    for name, executor in compiled["deploymentSpec"]["executors"].items():
+        resources = executor["container"]["resources"]
+        for key in ("CpuRequest", "CpuLimit", "MemoryRequest", "MemoryLimit"):
+            assert resources[f"resource{key}"], f"{name} has no {key}"
+        assert "accelerator" not in resources  # the default build is CPU only
+
+
+def test_object_storage_steps_get_credentials_endpoint_and_retries(
+    compiled_both: tuple[dict, dict],
+) -> None:
+    spec, platform = compiled_both
+    with_secret = {name for name, e in platform.items() if "secretAsEnv" in e}
+    assert with_secret == {f"exec-{step}" for step in OBJECT_STORAGE_STEPS}
+    for step in OBJECT_STORAGE_STEPS:
+        [secret] = platform[f"exec-{step}"]["secretAsEnv"]
+        assert secret["secretName"] == "minio-credentials"
+        assert {(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]} == {
+            ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+            ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+        }
+        env = {
+            e["name"]: e["value"]
+            for e in spec["deploymentSpec"]["executors"][f"exec-{step}"]["container"]["env"]
+        }
+        assert env["S3_ENDPOINT"] == "minio.brain-mri.svc.cluster.local:9000"
+    tasks = all_tasks(spec)
+    for step in STEPS:
+        retry = tasks[step].get("retryPolicy")
+        if step in OBJECT_STORAGE_STEPS:
+            assert retry["maxRetryCount"] == 3 and retry["backoffFactor"] == 2.0
+            assert retry["backoffDuration"] == "30s"
+        else:
+            assert retry is None, f"{step} should not be retried"
+
+
+def test_only_pure_data_steps_may_come_from_the_cache(compiled: dict) -> None:
+    tasks = all_tasks(compiled)
+    cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert cached == {"split", "augment"}  # not ingest: it lists the bucket and reads production
+
+
+def test_gpu_build_puts_train_on_a_gpu_node(gpu_compiled: tuple[dict, dict]) -> None:
+    spec, platform = gpu_compiled
+    executors = spec["deploymentSpec"]["executors"]
+    accelerator = executors["exec-train"]["container"]["resources"]["accelerator"]
+    assert accelerator["resourceType"] == "nvidia.com/gpu" and accelerator["resourceCount"] == "1"
+    train = platform["exec-train"]
+    assert train["nodeSelector"]["labels"] == {"nvidia.com/gpu.present": "true"}
+    assert train["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    others = [name for name in executors if name != "exec-train"]
+    assert not any("accelerator" in executors[n]["container"]["resources"] for n in others)
+    assert not any("nodeSelector" in platform.get(n, {}) for n in others)
+
+
+def test_the_local_build_uses_this_environment_and_fails_fast(tmp_path: Path) -> None:
+    spec, platform = compile_to_dicts(tmp_path / "local.yaml", ClusterOptions.for_local())
+    for executor in spec["deploymentSpec"]["executors"].values():
+        assert "env" not in executor["container"]  # kfp.local applies container env
+        assert "resources" not in executor["container"]  # kfp.local warns about each
+    assert not any("secretAsEnv" in e for e in platform.values())
+    assert not any("retryPolicy" in t for t in all_tasks(spec).values())  # fail fast locally
+
+
+def test_a_step_without_a_policy_refuses_to_build() -> None:
+    @dsl.component(base_image="python:3.11-slim")
+    def fingerprint(source: str) -> str:
+        return source
+
+    with pytest.raises(ValueError, match="'fingerprint' has no StepPolicy"):
+
+        @dsl.pipeline(name="unconfigured")
+        def unconfigured(source: str) -> None:
+            fingerprint(source=source)
+            apply_cluster_options(ClusterOptions())
+
+
+def test_cli_compile_applies_the_cluster_flags(tmp_path: Path) -> None:
+    out = tmp_path / "custom.yaml"
+    main(
+        [
+            "compile",
+            "--output",
+            str(out),
+            "--gpu",
+            "--image",
+            "registry.example/components:2",
+            "--toleration",
+            "dedicated=ml:NoExecute",
+            "--node-selector",
+            "pool=gpu",
+            "--resources",
+            "train:memory_limit=32Gi,cpu_limit=16",
+            "--s3-secret",
+            "",
+            "--retries",
+            "0",
+        ]
+    )
+    spec, *rest = yaml.safe_load_all(out.read_text())
+    platform = rest[0]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert train["image"] == "registry.example/components:2"
+    assert train["resources"]["resourceMemoryLimit"] == "32Gi"
+    assert train["resources"]["resourceCpuLimit"] == "16"
+    assert platform["exec-train"]["nodeSelector"]["labels"] == {"pool": "gpu"}
+    assert platform["exec-train"]["tolerations"] == [
+        {"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoExecute"}
+    ]
+    assert not any("secretAsEnv" in e for e in platform.values())
+    assert not any("retryPolicy" in t for t in all_tasks(spec).values())
+
+
+def test_build_pipeline_keeps_one_signature_for_every_option() -> None:
+    default = build_pipeline().component_spec.inputs
+    custom = build_pipeline(ClusterOptions(serving_image="r.example/p:1")).component_spec.inputs
+    assert default.keys() == custom.keys()
+    assert custom["serving_image"].default == "r.example/p:1"
 
 
 def test_cli_compile_writes_yaml(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
