@@ -1,43 +1,247 @@
-"""Evaluate: score a model bundle on the held-out test split with scikit-learn metrics."""
+"""Evaluate: score a model bundle on held-out images with scikit-learn metrics.
 
-from dataclasses import dataclass
+Accuracy, balanced accuracy, per-class precision/recall/F1, one-vs-rest ROC curves and AUCs
+(macro average), the confusion matrix, the most confidently misclassified images, and a
+Markdown report with a model card. Runs on a split of the pipeline's dataset
+(:func:`evaluate_model`) or on any class-per-folder tree (:func:`evaluate_folder`), also from the
+command line::
+
+    python -m components.evaluate --model <folder or s3://bucket/prefix> --data <class folders>
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import tempfile
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix
+from PIL import Image
+from sklearn.metrics import (
+    accuracy_score,
+    balanced_accuracy_score,
+    confusion_matrix,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
 
 from brainmri.dataset import load_image_set
+from brainmri.images import ImageDecodeError, decode_image
 from brainmri.model import ModelBundle, pick_device
+from brainmri.storage import StorageError
 from components.split import load_split
+
+WORST_SHOWN = 8  # misclassified images shown in the report
+THUMBNAIL_PX = 96
+MAX_ROC_POINTS = 200
+# the KFP UI truncates Markdown beyond 400,000 characters; stay well inside it
+MAX_REPORT_CHARS = 300_000
+
+
+@dataclass(frozen=True)
+class ClassScores:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+    auc: float | None  # one-vs-rest; None when the class is absent (or alone) in the data
+
+
+@dataclass(frozen=True)
+class RocCurve:
+    """One-vs-rest ROC points; thresholds are probabilities (the first is 1.0, not +inf)."""
+
+    fpr: list[float]
+    tpr: list[float]
+    thresholds: list[float]
+
+
+@dataclass(frozen=True)
+class Misclassified:
+    path: str
+    true_label: str
+    predicted_label: str
+    confidence: float  # the probability given to the wrong prediction
+    thumbnail_png: str = field(default="", repr=False)  # base64 PNG, for the report
 
 
 @dataclass
 class Evaluation:
-    """Scores of one model on one split."""
+    """Scores of one model on one set of images."""
 
     accuracy: float
     balanced_accuracy: float
     confusion: list[list[int]]
     class_names: list[str]
     num_images: int
+    per_class: dict[str, ClassScores] = field(default_factory=dict)
+    macro_auc: float | None = None
+    roc: dict[str, RocCurve] = field(default_factory=dict)  # per class, and "micro"
+    worst: list[Misclassified] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)  # backbone, preprocess, metadata
+    data: str = ""  # what was evaluated: "<split csv> [test]" or a folder
+
+    def metrics(self) -> dict[str, Any]:
+        """The scores as plain JSON-able data (no curves, no images)."""
+        return {
+            "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
+            "macro_auc": self.macro_auc,
+            "num_images": self.num_images,
+            "class_names": self.class_names,
+            "per_class": {name: asdict(s) for name, s in self.per_class.items()},
+            "confusion_matrix": self.confusion,
+            "worst_misclassified": [
+                {k: v for k, v in asdict(m).items() if k != "thumbnail_png"} for m in self.worst
+            ],
+        }
+
+    def scalar_metrics(self) -> dict[str, float]:
+        """Flat name -> number, as logged to a KFP ``Metrics`` artifact."""
+        scalars = {
+            "accuracy": self.accuracy,
+            "balanced_accuracy": self.balanced_accuracy,
+            "test_images": float(self.num_images),
+        }
+        if self.macro_auc is not None:
+            scalars["macro_auc"] = self.macro_auc
+        for name, s in self.per_class.items():
+            scalars.update(
+                {f"{name}_precision": s.precision, f"{name}_recall": s.recall, f"{name}_f1": s.f1}
+            )
+        return scalars
 
 
-def predict_labels(bundle: ModelBundle, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Predicted class indices for cached uint8 images, in batches."""
+def predict_proba(bundle: ModelBundle, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Class probabilities (N, C) for cached uint8 images, in batches."""
     normalize = bundle.preprocess.normalize()
+    if len(images) == 0:
+        return torch.empty(0, len(bundle.class_names))
     return torch.cat(
         [
-            bundle.predict_proba(normalize(images[i : i + batch_size])).argmax(dim=1)
+            bundle.predict_proba(normalize(images[i : i + batch_size]))
             for i in range(0, len(images), batch_size)
         ]
     )
 
 
-def evaluate_model(
-    model_dir: Path, dataset_dir: Path, split_csv: Path, split_name: str = "test"
+def predict_labels(bundle: ModelBundle, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """Predicted class indices for cached uint8 images, in batches."""
+    return predict_proba(bundle, images, batch_size).argmax(dim=1)
+
+
+def _thin(curve: RocCurve, limit: int = MAX_ROC_POINTS) -> RocCurve:
+    if len(curve.fpr) <= limit:
+        return curve
+    keep = np.unique(np.linspace(0, len(curve.fpr) - 1, limit).round().astype(int))
+    return RocCurve(*([values[i] for i in keep] for values in asdict(curve).values()))
+
+
+def _roc(truth: np.ndarray, scores: np.ndarray) -> RocCurve | None:
+    if truth.all() or not truth.any():  # ROC needs positives and negatives
+        return None
+    fpr, tpr, thresholds = roc_curve(truth, scores)
+    thresholds = np.minimum(thresholds, 1.0)  # the first is +inf: not JSON, not a probability
+    return _thin(RocCurve(fpr.tolist(), tpr.tolist(), thresholds.tolist()))
+
+
+def _thumbnail(image: torch.Tensor) -> str:
+    """A base64 PNG of a uint8 (3, H, W) image, grey when its channels are equal."""
+    array = image.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[:, :, 0] if (array == array[:, :, :1]).all() else array)
+    picture.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", optimize=True)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def score_predictions(
+    truth: np.ndarray,
+    proba: np.ndarray,
+    class_names: Sequence[str],
+    paths: Sequence[str] = (),
+    images: torch.Tensor | None = None,
+    worst: int = WORST_SHOWN,
 ) -> Evaluation:
-    """Accuracy, balanced accuracy and confusion matrix of ``model_dir`` on one split."""
-    bundle = ModelBundle.load(model_dir, pick_device())
+    """Every score of predicted probabilities ``proba`` (N, C) against labels ``truth`` (N,)."""
+    class_names = list(class_names)
+    labels = list(range(len(class_names)))
+    predicted = proba.argmax(axis=1)
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, labels=labels, zero_division=0
+    )
+    roc: dict[str, RocCurve] = {}
+    aucs: dict[str, float] = {}
+    for k, name in enumerate(class_names):
+        curve = _roc(truth == k, proba[:, k])
+        if curve is not None:
+            roc[name] = curve
+            aucs[name] = float(roc_auc_score(truth == k, proba[:, k]))
+    onehot = np.eye(len(class_names), dtype=bool)[truth]
+    micro = _roc(onehot.ravel(), proba.ravel())
+    if micro is not None:
+        roc["micro"] = micro
+    wrong = np.flatnonzero(predicted != truth)
+    wrong = wrong[np.argsort(-proba[wrong, predicted[wrong]], kind="stable")][:worst]
+    return Evaluation(
+        accuracy=float(accuracy_score(truth, predicted)),
+        balanced_accuracy=float(balanced_accuracy_score(truth, predicted)),
+        confusion=confusion_matrix(truth, predicted, labels=labels).tolist(),
+        class_names=class_names,
+        num_images=len(truth),
+        per_class={
+            name: ClassScores(
+                float(precision[k]), float(recall[k]), float(f1[k]), int(support[k]), aucs.get(name)
+            )
+            for k, name in enumerate(class_names)
+        },
+        macro_auc=float(np.mean(list(aucs.values()))) if aucs else None,
+        roc=roc,
+        worst=[
+            Misclassified(
+                path=paths[i] if len(paths) else str(i),
+                true_label=class_names[truth[i]],
+                predicted_label=class_names[predicted[i]],
+                confidence=float(proba[i, predicted[i]]),
+                thumbnail_png=_thumbnail(images[i]) if images is not None else "",
+            )
+            for i in wrong
+        ],
+    )
+
+
+def _model_info(bundle: ModelBundle) -> dict[str, Any]:
+    return {
+        "backbone": bundle.backbone,
+        "preprocess": bundle.preprocess.to_dict(),
+        "metadata": bundle.metadata,
+    }
+
+
+def evaluate_bundle(
+    bundle: ModelBundle, images: torch.Tensor, labels: torch.Tensor, paths: Sequence[str]
+) -> Evaluation:
+    """Score ``bundle`` on cached uint8 images (resized with its own preprocessing)."""
+    proba = predict_proba(bundle, images).numpy()
+    evaluation = score_predictions(labels.numpy(), proba, bundle.class_names, paths, images)
+    evaluation.model = _model_info(bundle)
+    return evaluation
+
+
+def evaluate_split(
+    bundle: ModelBundle, dataset_dir: Path, split_csv: Path, split_name: str = "test"
+) -> Evaluation:
+    """Every score of a loaded ``bundle`` on one split of the pipeline's dataset."""
     frame = load_split(split_csv)
     rows = frame[frame["split"] == split_name]
     if rows.empty:
@@ -45,12 +249,228 @@ def evaluate_model(
     data = load_image_set(
         dataset_dir, rows, bundle.class_names, bundle.preprocess, desc=f"decode {split_name}"
     )
-    truth, predicted = data.labels.numpy(), predict_labels(bundle, data.images).numpy()
-    labels = list(range(len(bundle.class_names)))
-    return Evaluation(
-        accuracy=float(accuracy_score(truth, predicted)),
-        balanced_accuracy=float(balanced_accuracy_score(truth, predicted)),
-        confusion=confusion_matrix(truth, predicted, labels=labels).tolist(),
-        class_names=bundle.class_names,
-        num_images=len(truth),
+    evaluation = evaluate_bundle(bundle, data.images, data.labels, data.paths)
+    evaluation.data = f"{Path(split_csv).name} [{split_name}]"
+    return evaluation
+
+
+def evaluate_model(
+    model_dir: Path, dataset_dir: Path, split_csv: Path, split_name: str = "test"
+) -> Evaluation:
+    """Every score of the bundle in ``model_dir`` on one split of the pipeline's dataset."""
+    bundle = ModelBundle.load(model_dir, pick_device())
+    return evaluate_split(bundle, dataset_dir, split_csv, split_name)
+
+
+def load_bundle(location: str | Path, store: Any = None) -> ModelBundle:
+    """A bundle from a local folder or an ``s3://bucket/prefix`` (downloaded, then loaded)."""
+    location = str(location)
+    if not location.startswith("s3://"):
+        return ModelBundle.load(Path(location), pick_device())
+    from brainmri.storage import ObjectStore, S3Uri
+
+    store = store or ObjectStore()
+    with tempfile.TemporaryDirectory(prefix="brainmri-model-") as tmp:
+        store.download_dir(S3Uri.parse(location), Path(tmp), progress=False)
+        return ModelBundle.load(Path(tmp), pick_device())
+
+
+@dataclass
+class FolderImages:
+    """The readable images of a class-per-folder tree, and the files that were skipped."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    paths: list[str]
+    skipped: list[dict[str, str]]
+
+
+def read_folder(
+    data_dir: Path, class_names: Sequence[str], resize: Any, workers: int = 4
+) -> FolderImages:
+    """Decode ``data_dir/<class>/**/<image>`` (folder aliases as in ingest), skipping bad files."""
+    from components.ingest import canonical_label
+
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"{data_dir} is not a folder of <class>/<image> subfolders")
+    index = {name: i for i, name in enumerate(class_names)}
+    files: list[tuple[Path, int]] = []
+    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and p.name[0] != "."):
+        label = canonical_label(folder.name)
+        if label not in index:
+            raise ValueError(f"class folder '{folder.name}' is not among {list(class_names)}")
+        files += [
+            (f, index[label])
+            for f in sorted(folder.rglob("*"))
+            if f.is_file() and not f.name.startswith(".")
+        ]
+    if not files:
+        raise ValueError(f"{data_dir} holds no <class>/<image> files")
+
+    def decode(item: tuple[Path, int]) -> torch.Tensor | str:
+        try:
+            return resize(decode_image(item[0]))
+        except ImageDecodeError as err:
+            return str(err)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        decoded = list(pool.map(decode, files))
+    keep = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
+    skipped = [
+        {"path": files[i][0].relative_to(data_dir).as_posix(), "reason": decoded[i]}
+        for i in range(len(files))
+        if not isinstance(decoded[i], torch.Tensor)
+    ]
+    if not keep:
+        raise ValueError(f"none of the {len(files)} files under {data_dir} is a readable image")
+    return FolderImages(
+        torch.stack([decoded[i] for i in keep]),
+        torch.tensor([files[i][1] for i in keep], dtype=torch.long),
+        [files[i][0].relative_to(data_dir).as_posix() for i in keep],
+        skipped,
     )
+
+
+def evaluate_folder(
+    model: str | Path | ModelBundle, data_dir: Path
+) -> tuple[Evaluation, list[dict[str, str]]]:
+    """Score a model (bundle, folder or ``s3://`` URI) on a class-per-folder tree of images.
+
+    Returns the evaluation and the files that were skipped as unreadable (with the reason).
+    """
+    bundle = model if isinstance(model, ModelBundle) else load_bundle(model)
+    data = read_folder(Path(data_dir), bundle.class_names, bundle.preprocess.resize())
+    evaluation = evaluate_bundle(bundle, data.images, data.labels, data.paths)
+    evaluation.data = str(data_dir)
+    return evaluation, data.skipped
+
+
+# -- the Markdown report ---------------------------------------------------------------------
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _model_card(evaluation: Evaluation) -> list[str]:
+    info = evaluation.model
+    meta = info.get("metadata", {})
+    config = meta.get("train_config", {})
+    data = meta.get("data", {})
+    history = meta.get("history", [])
+    preprocess = info.get("preprocess", {})
+    lines = ["## Model card", ""]
+    lines += _table(
+        ("field", "value"),
+        [
+            ("backbone", f"`{info.get('backbone', '?')}`"),
+            ("pretrained weights", f"`{meta.get('pretrained_weights') or 'none (random init)'}`"),
+            ("version", meta.get("version", "not promoted yet")),
+            (
+                "input",
+                f"{preprocess.get('image_size', '?')} px {preprocess.get('mode', 'RGB')}, "
+                f"mean {preprocess.get('mean')}, std {preprocess.get('std')}",
+            ),
+            ("dataset fingerprint", f"`{data.get('dataset_fingerprint') or 'n/a'}`"),
+            ("split fingerprint", f"`{data.get('split_fingerprint', 'n/a')}`"),
+            ("split sizes", data.get("split_sizes", "n/a")),
+            ("training set per class", data.get("class_counts", {}).get("train", "n/a")),
+            ("evaluated on", f"`{evaluation.data}` ({evaluation.num_images} images)"),
+            ("best validation accuracy", _pct(meta.get("best_val_accuracy"))),
+            ("best epoch", f"{meta.get('best_epoch', '?')} of {len(history)} run"),
+            ("training time", f"{meta.get('training_seconds', 0) / 60:.1f} min"),
+            ("training throughput", f"{meta.get('train_images_per_s', 0):.1f} images/s"),
+            ("device", meta.get("device", "?")),
+        ],
+    )
+    if config:
+        lines += ["", "Hyper-parameters:", ""]
+        lines += _table(("parameter", "value"), sorted(config.items()))
+    if meta.get("augment"):
+        lines += ["", "Augmentation (training only):", ""]
+        lines += _table(("parameter", "value"), sorted(meta["augment"].items()))
+    lines += [
+        "",
+        "Intended use: research and MLOps demonstration on 2-D brain-MRI slices of the four "
+        "classes above. Not a medical device; not validated for diagnosis. Scores hold for data "
+        "like the training distribution (the public Kaggle 'Brain Tumor MRI' collection).",
+    ]
+    return lines
+
+
+def render_report(evaluation: Evaluation, title: str = "Brain-MRI classifier evaluation") -> str:
+    """Markdown for the KFP UI: metrics, per-class scores, confusion matrix, worst errors inline
+    (base64 PNG thumbnails), and the model card. Kept under :data:`MAX_REPORT_CHARS`."""
+    names = evaluation.class_names
+    lines = [f"# {title}", "", f"Data: `{evaluation.data}`, {evaluation.num_images} images.", ""]
+    lines += _table(
+        ("metric", "value"),
+        [
+            ("accuracy", _pct(evaluation.accuracy)),
+            ("balanced accuracy", _pct(evaluation.balanced_accuracy)),
+            ("macro AUC (one-vs-rest)", _pct(evaluation.macro_auc)),
+        ],
+    )
+    lines += ["", "## Per class", ""]
+    lines += _table(
+        ("class", "precision", "recall", "F1", "AUC", "images"),
+        [
+            (n, _pct(s.precision), _pct(s.recall), _pct(s.f1), _pct(s.auc), s.support)
+            for n, s in evaluation.per_class.items()
+        ],
+    )
+    lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
+    lines += _table(
+        ("true \\ predicted", *names),
+        [(names[i], *row) for i, row in enumerate(evaluation.confusion)],
+    )
+    card = ["", *_model_card(evaluation)]
+    lines += ["", "## Most confident mistakes", ""]
+    if not evaluation.worst:
+        lines.append("None: every image was classified correctly.")
+    else:
+        rows = []
+        budget = MAX_REPORT_CHARS - len("\n".join(lines + card)) - 2_000
+        for m in evaluation.worst:
+            image = f"![{m.true_label}](data:image/png;base64,{m.thumbnail_png})"
+            if not m.thumbnail_png or len(image) > budget:
+                image = "(not shown)"
+            budget -= len(image)
+            rows.append((image, f"`{m.path}`", m.true_label, m.predicted_label, _pct(m.confidence)))
+        lines += _table(("image", "file", "true", "predicted", "confidence"), rows)
+    return "\n".join(lines + card) + "\n"
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m components.evaluate",
+        description="Score a saved model on a class-per-folder tree of images; prints JSON.",
+    )
+    parser.add_argument("--model", required=True, help="model folder or s3://bucket/prefix")
+    parser.add_argument("--data", required=True, type=Path, help="<class>/<image> folder tree")
+    parser.add_argument("--report", type=Path, help="also write the Markdown report here")
+    args = parser.parse_args(argv)
+    try:
+        evaluation, skipped = evaluate_folder(args.model, args.data)
+    except (OSError, ValueError, StorageError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.report:
+        args.report.write_text(render_report(evaluation))
+    result = {"model": str(args.model), "data": str(args.data), **evaluation.metrics()}
+    result["skipped_files"] = skipped
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

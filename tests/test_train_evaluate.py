@@ -1,4 +1,5 @@
-"""Training and evaluation on synthetic images, without KFP."""
+"""Training (two phases, schedules, early stopping, checkpoints and resume) and evaluation on
+synthetic images, without KFP."""
 
 from pathlib import Path
 
@@ -6,12 +7,17 @@ import pytest
 import torch
 
 from brainmri.dataset import MANIFEST_FILE, read_manifest
+from brainmri.images import PreprocessConfig
 from brainmri.model import ModelBundle, build_model
+from brainmri.storage import ObjectStore, S3Uri
+from components import train as train_module
 from components.augment import AugmentConfig
-from components.evaluate import evaluate_model
+from components.evaluate import evaluate_model, render_report
 from components.ingest import ingest_dataset
 from components.split import split_manifest
-from components.train import TrainConfig, train_model
+from components.train import TrainConfig, _phase_optimizer, train_model
+
+TINY = {"image_size": 32, "batch_size": 16}
 
 
 @pytest.fixture(scope="module")
@@ -26,24 +32,166 @@ def prepared(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
 
 def test_train_then_evaluate(prepared: tuple[Path, Path], tmp_path: Path) -> None:
     dataset, split_csv = prepared
-    config = TrainConfig(epochs=2, image_size=32, batch_size=16)
+    config = TrainConfig(epochs=2, **TINY)
     result = train_model(
         dataset, split_csv, tmp_path / "model", config, AugmentConfig(), progress=False
     )
     assert [h["epoch"] for h in result.history] == [1, 2]
+    assert {h["phase"] for h in result.history} == {"full"}  # tiny_cnn: nothing to freeze
+    assert result.images_per_s > 0 and result.resumed_from_epoch is None
     bundle = ModelBundle.load(tmp_path / "model")
     assert bundle.preprocess.image_size == 32
-    assert bundle.metadata["train_config"]["epochs"] == 2
+    meta = bundle.metadata
+    assert (
+        meta["train_config"]["epochs"] == 2 and meta["train_config"]["peak_learning_rate"] == 0.01
+    )
+    assert meta["data"]["split_sizes"] == {"train": 24, "val": 12, "test": 12}
+    assert len(meta["data"]["split_fingerprint"]) == 64 and meta["augment"]["crop_scale"] == 0.85
+    assert len(meta["data"]["dataset_fingerprint"] or "") == 64  # from ingest's report
     evaluation = evaluate_model(tmp_path / "model", dataset, split_csv)
     assert evaluation.num_images == 12 and 0.0 <= evaluation.accuracy <= 1.0
     assert sum(map(sum, evaluation.confusion)) == 12
+    assert set(evaluation.per_class) == set(bundle.class_names)
+    report = render_report(evaluation)
+    assert "## Model card" in report and "tiny_cnn" in report
+
+
+def test_pretrained_backbone_trains_head_then_whole_network(
+    prepared: tuple[Path, Path], tmp_path: Path
+) -> None:
+    dataset, split_csv = prepared
+    config = TrainConfig(
+        backbone="efficientnet_lite0", epochs=2, head_epochs=1, schedule="cosine", **TINY
+    )
+    result = train_model(dataset, split_csv, tmp_path / "model", config, progress=False)
+    assert [h["phase"] for h in result.history] == ["head", "full"]
+    bundle = ModelBundle.load(tmp_path / "model")
+    assert bundle.metadata["pretrained_weights"].endswith("efficientnet-lite0-57934424.pth")
+    assert bundle.preprocess.mean[0] == pytest.approx(127 / 255)  # the backbone's normalisation
+
+
+def test_head_phase_leaves_at_least_one_whole_network_epoch() -> None:
+    lite = {"backbone": "efficientnet_lite0"}
+    assert TrainConfig(epochs=1, head_epochs=1, **lite).head_only_epochs == 0
+    assert TrainConfig(epochs=5, head_epochs=2, **lite).head_only_epochs == 2
+    assert TrainConfig(epochs=5, head_epochs=2, pretrained=False, **lite).head_only_epochs == 0
+    assert TrainConfig(epochs=5, head_epochs=2).head_only_epochs == 0  # tiny_cnn: no weights
+
+
+def test_head_phase_trains_only_the_head() -> None:
+    model = build_model("efficientnet_lite0", 4)
+    config = TrainConfig(backbone="efficientnet_lite0", epochs=3)
+    optimizer, _ = _phase_optimizer(model, "head", config, steps=10)
+    trainable = [p for group in optimizer.param_groups for p in group["params"]]
+    assert sum(p.numel() for p in trainable) == 1280 * 4 + 4
+    assert sum(p.requires_grad for p in model.parameters()) == 2
+    optimizer, _ = _phase_optimizer(model, "full", config, steps=10)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_same_seed_same_training(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    dataset, split_csv = prepared
+    config = TrainConfig(epochs=1, **TINY)
+    runs = [
+        train_model(dataset, split_csv, tmp_path / f"m{i}", config, AugmentConfig(), False)
+        for i in range(2)
+    ]
+    keep = ("train_loss", "val_loss", "val_accuracy")
+    assert [{k: h[k] for k in keep} for h in runs[0].history] == [
+        {k: h[k] for k in keep} for h in runs[1].history
+    ]
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_on_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> list[int]:
+    """Make validation fail in ``epoch`` (a killed pod); returns the epochs validated."""
+    real, seen = train_module.evaluate_loader, []
+
+    def validate(*args: object, **kwargs: object) -> tuple[float, float]:
+        seen.append(len(seen) + 1)
+        if len(seen) == epoch:
+            raise Crash(f"killed in epoch {epoch}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "evaluate_loader", validate)
+    return seen
+
+
+def test_a_retried_run_resumes_from_the_minio_checkpoint(
+    prepared: tuple[Path, Path],
+    tmp_path: Path,
+    store: ObjectStore,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset, split_csv = prepared
+    config = TrainConfig(epochs=3, **TINY)
+    uri = f"s3://{bucket}/checkpoints/run-1"
+    crash_on_epoch(monkeypatch, 3)
+    with pytest.raises(Crash):
+        train_model(dataset, split_csv, tmp_path / "m", config, progress=False, checkpoint_uri=uri)
+    assert store.exists(S3Uri.parse(uri).child("last.pt"))
+
+    validated = crash_on_epoch(monkeypatch, 99)
+    result = train_model(
+        dataset, split_csv, tmp_path / "m", config, progress=False, checkpoint_uri=uri
+    )
+    assert result.resumed_from_epoch == 2 and validated == [1]  # only epoch 3 ran again
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert ModelBundle.load(tmp_path / "m").metadata["resumed_from_epoch"] == 2
+
+    # a finished checkpoint: the retry only rewrites the bundle
+    again = train_model(
+        dataset, split_csv, tmp_path / "m2", config, progress=False, checkpoint_uri=uri
+    )
+    assert again.resumed_from_epoch == 3 and validated == [1]
+    assert again.best_val_accuracy == result.best_val_accuracy
+
+
+def test_a_checkpoint_of_another_configuration_is_not_resumed(
+    prepared: tuple[Path, Path], tmp_path: Path
+) -> None:
+    dataset, split_csv = prepared
+    folder = str(tmp_path / "ckpt")
+    train_model(
+        dataset, split_csv, tmp_path / "a", TrainConfig(epochs=1, **TINY), checkpoint_uri=folder
+    )
+    other = TrainConfig(epochs=1, learning_rate=0.001, **TINY)
+    result = train_model(dataset, split_csv, tmp_path / "b", other, checkpoint_uri=folder)
+    assert result.resumed_from_epoch is None
+
+
+def test_early_stopping_on_validation(
+    prepared: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset, split_csv = prepared
+    monkeypatch.setattr(train_module, "evaluate_loader", lambda *a, **k: (0.5, 1.0))
+    config = TrainConfig(epochs=8, patience=2, **TINY)
+    result = train_model(dataset, split_csv, tmp_path / "m", config, progress=False)
+    # epoch 1 is best; stale after 2 and 3, but no stop before half of the 8 epochs are done
+    assert result.stopped_early and len(result.history) == 4 and result.best_epoch == 1
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"head_epochs": -1}, "head_epochs"),
+        ({"backbone": "vgg99"}, "unknown backbone"),
+        ({"schedule": "step"}, "schedule"),
+        ({"image_size": 16}, "image_size"),
+    ],
+)
+def test_train_config_is_validated(changes: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**changes)
 
 
 def test_saved_bundle_predicts_like_the_trained_model(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("tiny_cnn", 4).eval()
-    from brainmri.images import PreprocessConfig
-
     bundle = ModelBundle(model, "tiny_cnn", ["a", "b", "c", "d"], PreprocessConfig(image_size=32))
     batch = torch.rand(2, 3, 32, 32)
     expected = bundle.predict_proba(batch)

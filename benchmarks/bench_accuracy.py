@@ -1,0 +1,256 @@
+"""Accuracy benchmark: the real data, a duplicate-free held-out test split, the default CPU recipe.
+
+    python -m benchmarks.bench_accuracy            # full run (~40 min on 2 CPU cores)
+    python -m benchmarks.bench_accuracy --smoke    # a minute-long check that everything runs
+
+Ingests ``../shared/data/brain-mri/Training`` with the project's ingest (pixel-identical copies
+collapse to one), splits it with the project's split (stratified, grouped by pixel content),
+trains with ``components.train.train_model``, scores the untouched test split with
+``components.evaluate``, measures a bare torchvision training loop on the same backbone and batch
+size in the same process, and writes ``benchmarks/results/accuracy.json``: accuracy, balanced
+accuracy, per-class recall, training minutes, images/s, and the throughput ratio to the bare loop.
+Goals (issue #5): accuracy >= 98.7 %, training <= 60 min on 2 CPU cores, ratio >= 0.9.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import (
+    RESULTS_DIR,
+    SHARED_TRAINING,
+    bare_loop_throughput,
+    drop_duplicates,
+    leaked_images,
+    limited_copy,
+    write_json,
+)
+from brainmri import CLASS_NAMES
+from brainmri.dataset import MANIFEST_FILE, load_image_set, read_manifest
+from brainmri.model import get_backbone, pick_device
+from components.augment import AugmentConfig
+from components.evaluate import evaluate_model
+from components.ingest import ingest_dataset
+from components.split import split_manifest
+from components.train import TrainConfig, resolve_workers, train_model
+
+GOALS = {"accuracy": 0.987, "training_minutes": 60.0, "throughput_ratio": 0.9}
+# the recommended real-data recipe for a CPU (the pipeline's defaults stay small for the demo)
+RECIPE = TrainConfig(backbone="efficientnet_lite0", image_size=160, epochs=15, head_epochs=1)
+SMOKE = {"limit_per_class": 20, "epochs": 2, "image_size": 64, "bare_steps": 3}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench_accuracy",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--data", type=Path, default=SHARED_TRAINING, help="<class>/<image> tree")
+    parser.add_argument("--out", type=Path, help="result JSON (default: results/accuracy.json)")
+    parser.add_argument("--backbone", default=RECIPE.backbone)
+    parser.add_argument("--image-size", type=int, default=RECIPE.image_size)
+    parser.add_argument("--epochs", type=int, default=RECIPE.epochs)
+    parser.add_argument("--head-epochs", type=int, default=RECIPE.head_epochs)
+    parser.add_argument("--batch-size", type=int, default=RECIPE.batch_size)
+    parser.add_argument("--learning-rate", type=float, default=0.0, help="0: backbone default")
+    parser.add_argument("--patience", type=int, default=RECIPE.patience)
+    parser.add_argument("--val-fraction", type=float, default=0.15)
+    parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--limit-per-class", type=int, default=0, help="0: every image")
+    parser.add_argument("--bare-steps", type=int, default=30, help="timed steps of the bare loop")
+    parser.add_argument("--workdir", type=Path, help="keep the dataset and model here")
+    parser.add_argument("--checkpoint-dir", help="resume an interrupted run from here")
+    parser.add_argument(
+        "--augment", default="{}", help="AugmentConfig overrides as JSON, e.g. '{\"gamma\": 0}'"
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help=f"tiny run to check the benchmark works: {SMOKE}; writes accuracy_smoke.json",
+    )
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for key, value in SMOKE.items():
+            setattr(args, key, value)
+    args.out = args.out or RESULTS_DIR / ("accuracy_smoke.json" if args.smoke else "accuracy.json")
+    return args
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    started = time.perf_counter()
+    source = args.data
+    if args.limit_per_class:
+        source = limited_copy(args.data, work / "source", args.limit_per_class)
+    print(f"ingest {source}", flush=True)
+    report = ingest_dataset(str(source), work / "dataset")
+    dataset = work / "dataset"
+    manifest = read_manifest(dataset / MANIFEST_FILE)
+    if "set" in manifest:
+        manifest = manifest[manifest["set"] != "external"]
+    manifest, dropped_here = drop_duplicates(manifest, dataset)
+    split = split_manifest(manifest, args.val_fraction, args.test_fraction, args.seed)
+    leaked = leaked_images(split)
+    if leaked:
+        raise RuntimeError(f"{leaked} image(s) sit in two splits; the test split is not held out")
+    split.to_csv(work / "split.csv", index=False)
+
+    config = TrainConfig(
+        backbone=args.backbone,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        head_epochs=args.head_epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        patience=args.patience,
+        seed=args.seed,
+        device=args.device,
+    )
+    augment = AugmentConfig(**json.loads(args.augment))
+    result = train_model(
+        dataset,
+        work / "split.csv",
+        work / "model",
+        config,
+        augment,
+        checkpoint_uri=args.checkpoint_dir,
+    )
+    evaluation = evaluate_model(work / "model", dataset, work / "split.csv")
+
+    device = pick_device(args.device)
+    preprocess = get_backbone(args.backbone).preprocess(args.image_size)
+    sample = split[split["split"] == "train"].head(args.batch_size * (args.bare_steps + 2))
+    cached = load_image_set(dataset, sample, list(CLASS_NAMES), preprocess, desc="decode bare")
+    bare, bare_cl = (
+        bare_loop_throughput(
+            args.backbone,
+            cached.images,
+            cached.labels,
+            preprocess,
+            args.batch_size,
+            args.bare_steps,
+            device,
+            num_workers=resolve_workers(config, device),
+            learning_rate=config.peak_learning_rate,
+            channels_last=channels_last,
+        )
+        for channels_last in (False, True)
+    )
+    ratio = result.images_per_s / bare["images_per_s"]
+    minutes = result.training_seconds / 60
+    outcome = {
+        "accuracy": evaluation.accuracy,
+        "balanced_accuracy": evaluation.balanced_accuracy,
+        "macro_auc": evaluation.macro_auc,
+        "per_class_recall": {n: s.recall for n, s in evaluation.per_class.items()},
+        "per_class": {n: asdict(s) for n, s in evaluation.per_class.items()},
+        "confusion_matrix": evaluation.confusion,
+        "test_images": evaluation.num_images,
+        "training_minutes": minutes,
+        "images_per_s": result.images_per_s,
+        "bare_torchvision_loop": bare,
+        "throughput_ratio": ratio,
+        "bare_torchvision_loop_channels_last": bare_cl,
+        "throughput_ratio_same_memory_format": result.images_per_s / bare_cl["images_per_s"],
+    }
+    return {
+        "benchmark": "accuracy",
+        "smoke": bool(args.smoke),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        **outcome,
+        "goals": GOALS,
+        "goals_met": {
+            "accuracy": evaluation.accuracy >= GOALS["accuracy"],
+            "training_minutes": minutes <= GOALS["training_minutes"],
+            "throughput_ratio": ratio >= GOALS["throughput_ratio"],
+        },
+        "data": {
+            "source": str(args.data),
+            "limit_per_class": args.limit_per_class or None,
+            "files_seen": report.files_seen,
+            "quarantined": len(report.quarantined),
+            "duplicates_removed_by_ingest": len(report.duplicates),
+            "duplicates_removed_here": dropped_here,
+            "label_conflicts": len(report.label_conflicts),
+            "fingerprint": report.fingerprint,
+            "split_sizes": {k: int(v) for k, v in split["split"].value_counts().items()},
+            "images_in_two_splits": leaked,
+        },
+        "training": {
+            "config": asdict(config),
+            "peak_learning_rate": config.peak_learning_rate,
+            "augment": augment.to_dict(),
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_val_accuracy,
+            "stopped_early": result.stopped_early,
+            "history": result.history,
+        },
+        "environment": {
+            "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            "torch_threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "wall_minutes": (time.perf_counter() - started) / 60,
+    }
+
+
+def summary(result: dict[str, Any]) -> str:
+    met = result["goals_met"]
+
+    def mark(ok: bool) -> str:
+        return "ok" if ok else "MISSED"
+
+    recall = ", ".join(f"{k} {v:.3f}" for k, v in result["per_class_recall"].items())
+    return "\n".join(
+        [
+            f"test images       {result['test_images']} (duplicate-free, held out)",
+            f"accuracy          {result['accuracy']:.4f}  [goal >= 0.987: {mark(met['accuracy'])}]",
+            f"balanced accuracy {result['balanced_accuracy']:.4f}",
+            f"per-class recall  {recall}",
+            f"training          {result['training_minutes']:.1f} min "
+            f"[goal <= 60: {mark(met['training_minutes'])}]",
+            f"throughput        {result['images_per_s']:.1f} img/s vs bare torchvision loop "
+            f"{result['bare_torchvision_loop']['images_per_s']:.1f} img/s = "
+            f"{result['throughput_ratio']:.2f}x [goal >= 0.9: {mark(met['throughput_ratio'])}]",
+            f"                  vs the bare loop in channels-last "
+            f"{result['bare_torchvision_loop_channels_last']['images_per_s']:.1f} img/s = "
+            f"{result['throughput_ratio_same_memory_format']:.2f}x (the train step's own overhead)",
+        ]
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not args.data.is_dir():
+        print(f"skipped: no data at {args.data} (the real MRI set lives in ../shared/data)")
+        return 0
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        result = run(args, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
+            result = run(args, Path(tmp))
+    write_json(result, args.out)
+    print(summary(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

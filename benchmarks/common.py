@@ -1,0 +1,150 @@
+"""Helpers shared by the benchmarks: data locations, a reduced copy of a data set, duplicate
+removal, and the bare torchvision training loop that throughput is compared against."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+
+from brainmri.images import PreprocessConfig, decode_image
+from brainmri.model import build_model
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_TRAINING = REPO_ROOT.parent / "shared" / "data" / "brain-mri" / "Training"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+def write_json(result: dict[str, Any], path: Path) -> None:
+    """Write ``result`` atomically (a ``.tmp`` file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(path.suffix + ".tmp")
+    partial.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(partial, path)
+
+
+def limited_copy(source: Path, dest: Path, per_class: int) -> Path:
+    """``dest/<class>/`` holding links to the first ``per_class`` files of each class folder."""
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        target = dest / folder.name
+        target.mkdir(parents=True, exist_ok=True)
+        for file in sorted(f for f in folder.iterdir() if f.is_file())[:per_class]:
+            (target / file.name).symlink_to(file.resolve())
+    return dest
+
+
+def pixel_hash(path: Path) -> str:
+    """sha256 of the decoded pixels (and size): the same image under any name or format."""
+    image = decode_image(path)
+    return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
+
+
+def drop_duplicates(manifest: pd.DataFrame, dataset_dir: Path) -> tuple[pd.DataFrame, int]:
+    """The manifest with one row per distinct image, and how many rows were dropped.
+
+    Uses ingest's ``content_hash`` when the manifest has it, else hashes the pixels here.
+    """
+    if "content_hash" not in manifest:
+        hashes = [pixel_hash(dataset_dir / p) for p in manifest["path"]]
+        manifest = manifest.assign(content_hash=hashes)
+    unique = manifest.drop_duplicates("content_hash", keep="first")
+    return unique.reset_index(drop=True), len(manifest) - len(unique)
+
+
+def leaked_images(split: pd.DataFrame) -> int:
+    """Distinct images (by pixel hash) that appear in more than one split."""
+    return int((split.groupby("content_hash")["split"].nunique() > 1).sum())
+
+
+class _TorchvisionStyle(Dataset):
+    """Per-sample transforms as in torchvision's classification reference (``presets.py``)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, preprocess: PreprocessConfig):
+        self.images, self.labels = images, labels
+        self.transform = v2.Compose(
+            [
+                v2.RandomResizedCrop(preprocess.image_size, antialias=True),
+                v2.RandomHorizontalFlip(),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(list(preprocess.mean), list(preprocess.std)),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def bare_loop_throughput(
+    backbone: str,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    preprocess: PreprocessConfig,
+    batch_size: int,
+    steps: int,
+    device: torch.device,
+    num_workers: int = 0,
+    learning_rate: float = 1e-3,
+    warmup_steps: int = 2,
+    channels_last: bool = False,
+) -> dict[str, Any]:
+    """Images/s of a plain whole-network training loop over cached uint8 images.
+
+    The reference point for the train step's throughput: same backbone, batch size, device and
+    threads; torchvision's reference transforms per sample, AdamW, no checkpoints, validation,
+    metrics or progress bar (AMP only on CUDA, as ``--amp`` there). ``channels_last=False`` is
+    the plain loop; ``True`` gives it the train step's memory format, which isolates the step's
+    own overhead (augmentation, metrics, checkpoints) from the layout speed-up.
+    """
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(backbone, int(labels.max()) + 1).to(device, memory_format=memory_format)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    loss_fn = nn.CrossEntropyLoss()
+    loader = DataLoader(
+        _TorchvisionStyle(images, labels, preprocess),
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        pin_memory=device.type == "cuda",
+    )
+    amp = device.type == "cuda"
+    done, seen, started = 0, 0, 0.0
+    while done < steps + warmup_steps:
+        for x, y in loader:
+            if done == warmup_steps:
+                if amp:
+                    torch.cuda.synchronize()
+                started, seen = time.perf_counter(), 0
+            x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+            y = y.to(device, non_blocking=True)
+            with torch.autocast(device.type, enabled=amp):
+                loss = loss_fn(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(y)
+            done += 1
+            if done == steps + warmup_steps:
+                break
+    if amp:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - started
+    return {
+        "images_per_s": seen / elapsed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "channels_last": channels_last,
+    }
