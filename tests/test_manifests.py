@@ -48,6 +48,7 @@ NAMESPACE = "brain-mri"
 KUSTOMIZATIONS = ("base", "overlays/local", "overlays/gpu")
 ISVC_NAME = "brain-mri-classifier"
 ISVC_VERBS = {"get", "list", "watch", "create", "patch", "update"}
+PYTORCHJOB_VERBS = {"get", "list", "watch", "create"}
 GPU = "nvidia.com/gpu"
 
 
@@ -258,12 +259,16 @@ def test_rbac_is_least_privilege(rendered):
     assert len(roles) == 1 and len(bindings) == 1
     role, binding = roles[0], bindings[0]
     assert role["metadata"]["namespace"] == NAMESPACE
-    assert len(role["rules"]) == 1
-    rule = role["rules"][0]
-    assert set(rule) <= {"apiGroups", "resources", "verbs"}  # no nonResourceURLs etc.
-    assert rule["apiGroups"] == ["serving.kserve.io"]
-    assert rule["resources"] == ["inferenceservices"]  # not /status, not "*"
-    assert sorted(rule["verbs"]) == sorted(ISVC_VERBS)
+    assert len(role["rules"]) == 2
+    isvc_rule, job_rule = role["rules"]
+    for rule in role["rules"]:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}  # no nonResourceURLs etc.
+    assert isvc_rule["apiGroups"] == ["serving.kserve.io"]
+    assert isvc_rule["resources"] == ["inferenceservices"]  # not /status, not "*"
+    assert sorted(isvc_rule["verbs"]) == sorted(ISVC_VERBS)
+    assert job_rule["apiGroups"] == ["kubeflow.org"]
+    assert job_rule["resources"] == ["pytorchjobs"]  # the train step's distributed jobs
+    assert sorted(job_rule["verbs"]) == sorted(PYTORCHJOB_VERBS)
     assert binding["metadata"]["namespace"] == NAMESPACE
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",

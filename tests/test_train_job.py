@@ -1,0 +1,260 @@
+"""Distributed training: the PyTorchJob manifest, its lifecycle on kmock, and a real 2-process
+gloo DDP run launched exactly as the manifest says."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import kmock
+import pytest
+
+from brainmri.dataset import MANIFEST_FILE, read_manifest
+from brainmri.local_s3 import free_ports
+from brainmri.model import ModelBundle
+from brainmri.storage import ObjectStore, S3Uri
+from components.augment import AugmentConfig
+from components.ingest import ingest_dataset
+from components.split import split_manifest
+from components.train import TrainConfig
+from components.train_job import (
+    GROUP,
+    KIND,
+    PLURAL,
+    VERSION,
+    TrainingJobError,
+    TrainingJobSpec,
+    job_state,
+    launch_distributed_training,
+    render_pytorch_job,
+    run_pytorch_job,
+)
+from tests.kube_emulator import KubeApi
+
+RESOURCE = f"{GROUP}/{VERSION}/{PLURAL}"
+NAMESPACE = "brain-mri"
+
+
+def job_spec(**overrides: Any) -> TrainingJobSpec:
+    values = {
+        "name": "train-1",
+        "namespace": NAMESPACE,
+        "image": "components:test",
+        "workers": 2,
+        "args": ["--dataset", "s3://b/d"],
+    }
+    return TrainingJobSpec(**{**values, **overrides})
+
+
+def test_manifest_has_a_master_and_workers_with_s3_credentials_from_the_secret() -> None:
+    manifest = render_pytorch_job(
+        job_spec(workers=4, gpus_per_worker=1, node_selector={"gpu": "yes"})
+    )
+    assert manifest["kind"] == KIND and manifest["apiVersion"] == "kubeflow.org/v1"
+    replicas = manifest["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 3
+    pod = replicas["Worker"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["name"] == "pytorch"
+    assert container["command"] == ["python", "-m", "components.train_job"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    refs = {
+        e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}).get("name")
+        for e in container["env"]
+    }
+    assert refs["AWS_ACCESS_KEY_ID"] == refs["AWS_SECRET_ACCESS_KEY"] == "minio-credentials"
+    assert pod["nodeSelector"] == {"gpu": "yes"}
+    with pytest.raises(ValueError, match="at least 2 replicas"):
+        render_pytorch_job(job_spec(workers=1))
+
+
+def test_job_state_reads_the_operator_conditions() -> None:
+    running = {"status": {"conditions": [{"type": "Running", "status": "True"}]}}
+    done = {
+        "status": {
+            "conditions": [
+                {"type": "Running", "status": "False"},
+                {"type": "Succeeded", "status": "True", "message": "ok"},
+            ]
+        }
+    }
+    assert job_state({}) == (None, "")
+    assert job_state(running) == (None, "")
+    assert job_state(done) == ("Succeeded", "ok")
+
+
+def register_pytorchjobs(kube_api: KubeApi) -> None:
+    kube_api.call(
+        lambda: kube_api.emulator.resources.__setitem__(
+            RESOURCE,
+            kmock.ResourceInfo(
+                kind=KIND,
+                singular="pytorchjob",
+                namespaced=True,
+                verbs={"get", "list", "watch", "create", "patch", "delete"},
+                subresources={"status"},
+            ),
+        )
+    )
+
+
+def stored_job(kube_api: KubeApi, name: str) -> dict | None:
+    def read() -> dict | None:
+        try:
+            return dict(kube_api.emulator.objects[RESOURCE, NAMESPACE, name].raw)
+        except KeyError:
+            return None
+
+    return kube_api.call(read)
+
+
+def act_as_operator(kube_api: KubeApi, name: str, run: Any) -> threading.Thread:
+    """A thread that waits for the job, runs ``run(manifest) -> (state, message)``, and
+    writes the outcome into the job's status as the training operator would."""
+
+    def operate() -> None:
+        deadline = time.monotonic() + 60
+        while (manifest := stored_job(kube_api, name)) is None:
+            assert time.monotonic() < deadline, "the job was never created"
+            time.sleep(0.1)
+        state, message = run(manifest)
+        status = {"conditions": [{"type": state, "status": "True", "message": message}]}
+        obj = kube_api.emulator.objects[RESOURCE, NAMESPACE, name]
+        kube_api.call(lambda: obj.patch({"status": status}))
+
+    thread = threading.Thread(target=operate, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_failed_job_fails_the_step_with_its_message(kube_api: KubeApi) -> None:
+    register_pytorchjobs(kube_api)
+    thread = act_as_operator(kube_api, "train-1", lambda m: ("Failed", "OOMKilled"))
+    with pytest.raises(TrainingJobError, match="failed: OOMKilled"):
+        run_pytorch_job(render_pytorch_job(job_spec()), kube_api.api_client(), 30, 0.1)
+    thread.join(10)
+
+
+def test_a_job_that_never_finishes_times_out(kube_api: KubeApi) -> None:
+    register_pytorchjobs(kube_api)
+    with pytest.raises(TrainingJobError, match="did not finish within 1 s"):
+        run_pytorch_job(render_pytorch_job(job_spec()), kube_api.api_client(), 1, 0.1)
+
+
+@pytest.fixture()
+def prepared(demo_dir: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
+    ingest_dataset(str(demo_dir), tmp_path / "dataset", progress=False)
+    split_manifest(read_manifest(tmp_path / "dataset" / MANIFEST_FILE), 0.25, 0.25).to_csv(
+        tmp_path / "split.csv", index=False
+    )
+    AugmentConfig().save(tmp_path / "augment.json")
+    return tmp_path / "dataset", tmp_path / "split.csv", tmp_path / "augment.json"
+
+
+def torchrun_replicas(manifest: dict, s3_env: dict[str, str]) -> tuple[str, str]:
+    """Run the job's container command as 2 gloo processes on this machine (like 2 pods)."""
+    container = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][
+        0
+    ]
+    assert container["command"][:2] == ["python", "-m"]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={free_ports(1)[0]}",
+        "-m",
+        container["command"][2],
+        *container["args"],
+    ]
+    env = {**os.environ, **s3_env, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    if done.returncode != 0:
+        return "Failed", done.stderr[-2000:]
+    return "Succeeded", "2 replicas finished"
+
+
+def test_two_process_gloo_training_through_the_job(
+    prepared: tuple[Path, Path, Path],
+    kube_api: KubeApi,
+    store: ObjectStore,
+    bucket: str,
+    s3_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    register_pytorchjobs(kube_api)
+    dataset, split_csv, augment = prepared
+    thread = act_as_operator(kube_api, "train-ddp", lambda m: torchrun_replicas(m, s3_env))
+    config = TrainConfig(epochs=2, image_size=32, batch_size=8, cpu_threads=1)
+    manifest = launch_distributed_training(
+        dataset,
+        split_csv,
+        augment,
+        tmp_path / "model",
+        config,
+        job_spec(name="train-ddp", workers=2),
+        S3Uri(bucket, "staging/run-1"),
+        kube_api.api_client(),
+        store,
+        timeout_s=300,
+        poll_s=0.2,
+    )
+    thread.join(10)
+    args = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
+        "args"
+    ]
+    assert json.loads(args[args.index("--config") + 1])["epochs"] == 2
+    bundle = ModelBundle.load(tmp_path / "model")
+    assert bundle.metadata["world_size"] == 2
+    assert [h["epoch"] for h in bundle.metadata["history"]] == [1, 2]
+    # each rank trained on its half of the train split; the logged count sums both ranks
+    train_rows = read_manifest(split_csv).pipe(lambda f: f[f["split"] == "train"])
+    assert bundle.metadata["history"][0]["train_images"] > len(train_rows) / 2
+
+
+SHIPPED_JOB = Path(__file__).resolve().parents[1] / "manifests" / "training" / "pytorchjob.yaml"
+
+
+def example_job() -> dict:
+    """What the train step creates for ``workers=2`` (staging paths of run ``<run-id>``)."""
+    staging = "s3://models/staging/<run-id>"
+    args = [
+        "--dataset",
+        f"{staging}/dataset",
+        "--split",
+        f"{staging}/split.csv",
+        "--augment",
+        f"{staging}/augment.json",
+        "--output",
+        f"{staging}/model",
+        "--config",
+        json.dumps({"backbone": "efficientnet_lite0", "image_size": 160, "epochs": 15}),
+    ]
+    return render_pytorch_job(
+        TrainingJobSpec(
+            name="brain-mri-train-<run-id>",
+            namespace=NAMESPACE,
+            image="ghcr.io/brain-mri-mlops/components:0.1.0",
+            workers=2,
+            args=args,
+        )
+    )
+
+
+def test_shipped_job_manifest_is_what_the_step_creates() -> None:
+    import yaml
+
+    header = (
+        "# The PyTorchJob the train step creates when workers=2 (see components/train_job.py)\n"
+    )
+    expected = header + yaml.safe_dump(example_job(), sort_keys=False)
+    if os.environ.get("REGENERATE_MANIFESTS"):
+        SHIPPED_JOB.write_text(expected)
+    assert SHIPPED_JOB.read_text() == expected, (
+        "manifests/training/pytorchjob.yaml is stale: rerun this test with REGENERATE_MANIFESTS=1"
+    )
