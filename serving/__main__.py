@@ -1,13 +1,16 @@
 """``python -m serving``: load a model bundle and serve it with the KServe model server.
 
-    python -m serving --model_name brain-mri --storage_uri s3://models/brain-mri/v3 \\
-        [--http_port 8080] [--grpc_port 8081] [--max_batch_size 64]
+    python -m serving --model-name brain-mri --storage-uri s3://models/brain-mri/v3 \\
+        [--http_port 8080] [--grpc_port 8081] [--max_batch_size 64] [--max_payload_bytes N]
     python -m serving --model_name brain-mri --model_dir /mnt/models   # KServe storage initializer
 
-Every standard KServe model-server flag (``--workers``, ``--enable_grpc``, ...) is accepted.
-``s3://`` URIs are read with the object-storage settings from the environment (``S3_ENDPOINT``,
-``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``S3_USE_HTTPS``); anything else is a local
-directory such as ``/mnt/models``.
+Flags of this program take either spelling, ``--storage-uri`` or ``--storage_uri``, and so does
+``--model-name``; every standard KServe model-server flag (``--workers``, ``--enable_grpc``, ...)
+is accepted in KServe's spelling. ``s3://`` URIs are read with the object-storage settings from
+the environment (``S3_ENDPOINT``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
+``S3_USE_HTTPS``); anything else is a local directory such as ``/mnt/models``.
+
+The HTTP port also serves ``/metrics`` (Prometheus), ``/v2/health/live`` and ``/v2/health/ready``.
 """
 
 from __future__ import annotations
@@ -15,13 +18,21 @@ from __future__ import annotations
 import argparse
 import sys
 
+import torch
 from kserve import ModelServer, model_server
 from kserve import logging as kserve_logging
 from kserve.logging import logger
 
 from brainmri.settings import SettingsError
 from brainmri.storage import StorageError
-from serving.predictor import DEFAULT_MAX_BATCH_SIZE, BrainMRIModel
+from serving.limits import PayloadLimitMiddleware, cpu_budget
+from serving.predictor import (
+    DEFAULT_MAX_BATCH_SIZE,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DEFAULT_MAX_PAYLOAD_BYTES,
+    REJECTED_REQUESTS,
+    BrainMRIModel,
+)
 
 
 def _positive_int(text: str) -> int:
@@ -46,25 +57,98 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[model_server.parser],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    # KServe's parser defines --model_name; this is its dashed spelling, same destination
+    parser.add_argument(
+        "--model-name",
+        dest="model_name",
+        default=argparse.SUPPRESS,
+        help="Same as --model_name.",
+    )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument(
         "--storage_uri",
+        "--storage-uri",
+        dest="storage_uri",
         help="Model bundle location: s3://bucket/prefix (read with the S3_* / AWS_* settings "
         "from the environment), or a local directory holding model.json and model.pt.",
     )
     source.add_argument(
         "--model_dir",
+        "--model-dir",
+        dest="model_dir",
         type=_local_path,
         help="Local directory holding the bundle, e.g. /mnt/models where KServe's storage "
         "initializer puts the model named by the InferenceService's STORAGE_URI.",
     )
-    parser.add_argument(
+    limits = parser.add_argument_group("request limits (exceeding one is a 4xx naming it)")
+    limits.add_argument(
         "--max_batch_size",
+        "--max-batch-size",
+        dest="max_batch_size",
         type=_positive_int,
         default=DEFAULT_MAX_BATCH_SIZE,
-        help="Most images accepted in one request; larger requests get HTTP 400.",
+        help="Most images in one request (one forward pass); larger requests get HTTP 400.",
+    )
+    limits.add_argument(
+        "--max_payload_bytes",
+        "--max-payload-bytes",
+        dest="max_payload_bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_PAYLOAD_BYTES,
+        help="Largest HTTP request body; larger ones get HTTP 413 before they are read. "
+        "gRPC messages are capped by --grpc_max_receive_message_length instead.",
+    )
+    limits.add_argument(
+        "--max_image_pixels",
+        "--max-image-pixels",
+        dest="max_image_pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="Most pixels of one image, checked from its header before decoding.",
+    )
+    threads = parser.add_argument_group(
+        "threads (defaults fit the CPU budget: affinity and cgroup quota, not every core of "
+        "the node as torch would assume)"
+    )
+    threads.add_argument(
+        "--decode_workers",
+        "--decode-workers",
+        dest="decode_workers",
+        type=_positive_int,
+        default=None,
+        help="Threads that decode and preprocess images. Default: the CPU budget.",
+    )
+    threads.add_argument(
+        "--forward_workers",
+        "--forward-workers",
+        dest="forward_workers",
+        type=_positive_int,
+        default=None,
+        help="Forward passes that may run at once. Default: the CPU budget on a CPU (several "
+        "single-threaded passes keep the cores busier than one multi-threaded pass), 1 on a GPU.",
+    )
+    threads.add_argument(
+        "--torch_threads",
+        "--torch-threads",
+        dest="torch_threads",
+        type=_positive_int,
+        default=None,
+        help="torch intra-op threads of each forward pass. Default: the CPU budget divided "
+        "among the forward workers.",
     )
     return parser
+
+
+def forward_threads(
+    device: torch.device, forward_workers: int | None, torch_threads: int | None
+) -> tuple[int, int]:
+    """(forward passes at once, torch threads each): the flags, or defaults for ``device``."""
+    budget = cpu_budget()
+    if forward_workers is None:
+        forward_workers = 1 if device.type != "cpu" else budget
+    if torch_threads is None:
+        torch_threads = budget if device.type != "cpu" else max(1, budget // forward_workers)
+    return forward_workers, torch_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,12 +156,36 @@ def main(argv: list[str] | None = None) -> int:
     if args.configure_logging:
         kserve_logging.configure_logging(args.log_config_file)
     location = args.storage_uri or args.model_dir
-    model = BrainMRIModel(args.model_name, location, max_batch_size=args.max_batch_size)
+    model = BrainMRIModel(
+        args.model_name,
+        location,
+        max_batch_size=args.max_batch_size,
+        max_payload_bytes=args.max_payload_bytes,
+        max_image_pixels=args.max_image_pixels,
+        decode_workers=args.decode_workers,
+    )
     try:
         model.load()
     except (StorageError, SettingsError, FileNotFoundError, ValueError) as err:
         logger.error("Cannot load model %r from %s: %s", args.model_name, location, err)
         return 1
+    model.forward_workers, torch_threads = forward_threads(
+        model.bundle.device, args.forward_workers, args.torch_threads
+    )
+    torch.set_num_threads(torch_threads)
+    logger.info(
+        "%d forward pass(es) at once, %d torch thread(s) each, %d decode thread(s)",
+        model.forward_workers,
+        torch_threads,
+        model.decode_workers,
+    )
+    # KServe builds its REST app around this module-level FastAPI app when the server starts.
+    # With --workers > 1 each worker process imports a fresh app without it; the model then
+    # still refuses a declared Content-Length over the limit (HTTP 400) after the body is read.
+    rejected = REJECTED_REQUESTS.labels(args.model_name, "payload_too_large")
+    model_server.app.add_middleware(
+        PayloadLimitMiddleware, max_bytes=args.max_payload_bytes, on_reject=rejected.inc
+    )
     ModelServer(
         http_port=args.http_port,
         grpc_port=args.grpc_port,

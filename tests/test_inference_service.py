@@ -6,6 +6,7 @@ thread, so the synchronous ``kubernetes`` client talks to it like to a real API 
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ import kmock
 import pytest
 from kubernetes import client
 
+from brainmri import inference_service
 from brainmri.inference_service import (
     CONTAINER_NAME,
     GROUP,
@@ -24,13 +26,20 @@ from brainmri.inference_service import (
     VERSION,
     InferenceServiceError,
     InferenceServiceSpec,
+    Readiness,
+    Rollout,
+    RolloutError,
+    RolloutWatch,
     apply_inference_service,
     cluster_api_client,
     get_inference_service,
+    merge_patch,
     render_inference_service,
+    roll_out_inference_service,
     to_yaml,
+    wait_until_ready,
 )
-from tests.kube_emulator import KubeApi
+from tests.kube_emulator import FakeController, KubeApi
 
 
 def make_spec(**overrides: Any) -> InferenceServiceSpec:
@@ -48,7 +57,7 @@ def predictor_of(manifest: dict[str, Any]) -> dict[str, Any]:
     return manifest["spec"]["predictor"]
 
 
-def test_render_has_custom_container_storage_resources_and_metrics() -> None:
+def test_render_has_custom_container_storage_resources_probes_and_metrics() -> None:
     manifest = render_inference_service(make_spec(prometheus_port=9090))
 
     assert manifest["apiVersion"] == "serving.kserve.io/v1beta1"
@@ -57,6 +66,8 @@ def test_render_has_custom_container_storage_resources_and_metrics() -> None:
     assert manifest["metadata"]["namespace"] == "kubeflow-user"
     assert manifest["metadata"]["annotations"] == {
         "serving.kserve.io/enable-prometheus-scraping": "true",
+        "prometheus.kserve.io/port": "9090",
+        "prometheus.kserve.io/path": "/metrics",
         "prometheus.io/scrape": "true",
         "prometheus.io/port": "9090",
         "prometheus.io/path": "/metrics",
@@ -80,8 +91,32 @@ def test_render_has_custom_container_storage_resources_and_metrics() -> None:
         "requests": {"cpu": "500m", "memory": "1Gi"},
         "limits": {"cpu": "2", "memory": "4Gi"},
     }
+    assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 9090}
+    assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 9090}
     assert "kind: InferenceService" in to_yaml(manifest)
     assert to_yaml(manifest).index("apiVersion") < to_yaml(manifest).index("spec")
+
+
+def test_render_appends_server_args() -> None:
+    spec = make_spec(server_args=("--max_batch_size", "16", "--max_payload_bytes", "8000000"))
+    (container,) = predictor_of(render_inference_service(spec))["containers"]
+    assert container["args"][-4:] == ["--max_batch_size", "16", "--max_payload_bytes", "8000000"]
+
+
+@pytest.mark.parametrize("canary", [None, 25])
+def test_rendered_manifest_matches_the_kserve_crd_schema(canary: int | None) -> None:
+    """Strictly, like the API server: an undeclared field (a typo) would fail here."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from tests.test_manifests import ISVC_SCHEMA, strict_crd_schema
+
+    validator = jsonschema.Draft202012Validator(
+        strict_crd_schema(json.loads(ISVC_SCHEMA.read_text()))
+    )
+    manifest = render_inference_service(
+        make_spec(canary_traffic_percent=canary, server_args=("--max_batch_size", "8"))
+    )
+    errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(manifest)]
+    assert not errors, errors
 
 
 def test_render_canary_and_validation() -> None:
@@ -207,3 +242,164 @@ def test_cluster_api_client_uses_kubeconfig(
     assert api_client is not None
     with api_client:
         assert api_client.configuration.host == "http://127.0.0.1:6443"
+
+
+# -- readiness of a rollout --------------------------------------------------------------------
+def isvc_with(
+    ready: dict[str, Any] | None = None,
+    *,
+    generation: int | None = None,
+    observed: int | None = None,
+    model_status: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    status: dict[str, Any] = {"conditions": [{"type": "Ready", **ready}] if ready else []}
+    if observed is not None:
+        status["observedGeneration"] = observed
+    if model_status is not None:
+        status["modelStatus"] = model_status
+    meta: dict[str, Any] = {"name": "brain-mri"}
+    if generation is not None:
+        meta["generation"] = generation
+    return {"metadata": meta, "spec": {}, "status": status}
+
+
+READY_OLD = {"status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}
+READY_NEW = {"status": "True", "lastTransitionTime": "2026-01-01T00:05:00Z"}
+
+
+def test_watch_trusts_observed_generation_when_the_server_reports_it() -> None:
+    watch = RolloutWatch(generation=3, baseline=READY_OLD)
+    stale = watch.assess(isvc_with(READY_OLD, generation=3, observed=2))
+    assert stale.state == "pending" and "generation 3" in stale.detail
+    assert watch.assess(isvc_with(READY_OLD, generation=3, observed=3)).state == "ready"
+    failed = isvc_with({"status": "False", "reason": "RevisionFailed"}, generation=3, observed=3)
+    assert watch.assess(failed) == Readiness("failed", "Ready=False (RevisionFailed)")
+
+
+def test_watch_without_generations_needs_a_changed_ready_condition() -> None:
+    watch = RolloutWatch(generation=None, baseline=READY_OLD)
+    assert watch.assess(isvc_with(READY_OLD)).state == "pending"  # stale: from the old spec
+    assert watch.assess(isvc_with({"status": "Unknown", "reason": "Deploying"})).state == "pending"
+    assert watch.assess(isvc_with(READY_OLD)).state == "ready"  # changed once: sticky
+    assert RolloutWatch(None, READY_OLD).assess(isvc_with(READY_NEW)).state == "ready"
+    assert RolloutWatch(None, None, created=True).assess(isvc_with(READY_OLD)).state == "ready"
+
+
+@pytest.mark.parametrize(
+    ("ready", "model_status", "state", "detail"),
+    [
+        ({"status": "False", "reason": "RevisionMissing"}, None, "pending", "RevisionMissing"),
+        ({"status": "False"}, None, "pending", "Ready=False"),
+        ({"status": "Unknown"}, None, "pending", "Ready=Unknown"),
+        (None, None, "pending", "no Ready condition yet"),
+        (
+            {"status": "False", "reason": "ProgressDeadlineExceeded", "message": "too slow"},
+            None,
+            "failed",
+            "Ready=False (ProgressDeadlineExceeded): too slow",
+        ),
+        (
+            {"status": "Unknown"},
+            {
+                "transitionStatus": "BlockedByFailedLoad",
+                "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "no model.json"},
+            },
+            "failed",
+            "model BlockedByFailedLoad: ModelLoadFailed: no model.json",
+        ),
+    ],
+    ids=["in-progress-reason", "no-reason", "unknown", "no-condition", "failed", "model-load"],
+)
+def test_watch_tells_progress_from_failure(
+    ready: dict | None, model_status: dict | None, state: str, detail: str
+) -> None:
+    watch = RolloutWatch(generation=2, baseline=None)
+    seen = watch.assess(isvc_with(ready, generation=2, observed=2, model_status=model_status))
+    assert seen.state == state and detail in seen.detail
+
+
+def test_watch_fails_when_the_service_disappears() -> None:
+    assert RolloutWatch(None, READY_OLD).assess(None).state == "failed"
+
+
+def test_wait_keeps_polling_through_api_errors_until_the_deadline() -> None:
+    configuration = client.Configuration()
+    configuration.host = f"http://127.0.0.1:{_closed_port()}"
+    configuration.retries = 0
+    now = [0.0]
+    with client.ApiClient(configuration) as api_client:
+        seen = wait_until_ready(
+            "brain-mri",
+            "kubeflow-user",
+            api_client,
+            RolloutWatch(None, READY_OLD),
+            timeout_s=10.0,
+            poll_interval_s=4.0,
+            request_timeout=(1.0, 1.0),
+            clock=lambda: now[0],
+            sleep=lambda seconds: now.__setitem__(0, now[0] + seconds),
+        )
+    assert seen.state == "timeout"
+    assert "last poll failed" in seen.detail and "cannot reach" in seen.detail
+    assert now[0] == 10.0  # slept 4 + 4 + 2, never past the deadline
+
+
+def test_merge_patch_turns_current_into_target() -> None:
+    current = {"spec": {"predictor": {"canaryTrafficPercent": 20, "containers": [1, 2]}}, "x": 1}
+    target = {"spec": {"predictor": {"containers": [1]}}, "y": {"z": 2}}
+    patch = merge_patch(current, target)
+    assert patch == {
+        "x": None,
+        "spec": {"predictor": {"canaryTrafficPercent": None, "containers": [1]}},
+        "y": {"z": 2},
+    }
+    assert merge_patch(target, target) == {}
+
+
+def test_rollback_restores_spec_annotations_and_labels(kube_api: KubeApi) -> None:
+    api_client = kube_api.api_client()
+    previous = render_inference_service(make_spec(server_args=("--max_batch_size", "8")))
+    previous["metadata"]["labels"] = {"team": "imaging"}
+    apply_inference_service(previous, api_client)
+    kube_api.set_status(
+        "brain-mri", "kubeflow-user", {"conditions": [{"type": "Ready", **READY_OLD}]}
+    )
+
+    broken = render_inference_service(
+        make_spec(storage_uri="s3://models/brain-mri/v2", canary_traffic_percent=10)
+    )
+    broken["metadata"]["annotations"]["added-by-new-spec"] = "yes"
+    with pytest.raises(RolloutError) as info:  # nothing ever reports on it: a stale Ready
+        roll_out_inference_service(broken, api_client, timeout_s=0.2, poll_interval_s=0.02)
+    assert "storage URI s3://models/brain-mri/v1" in str(info.value)
+    stored = kube_api.stored("brain-mri", "kubeflow-user")
+    assert stored["spec"] == previous["spec"]
+    assert stored["metadata"]["annotations"] == previous["metadata"]["annotations"]
+    assert stored["metadata"]["labels"] == {"team": "imaging"}
+
+
+def test_a_failed_rollback_is_reported_with_what_to_restore(
+    kube_api: KubeApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    api_client = kube_api.api_client()
+    apply_inference_service(render_inference_service(make_spec()), api_client)
+
+    def refuse(*_args: Any) -> None:
+        raise InferenceServiceError("HTTP 403 Forbidden")
+
+    monkeypatch.setattr(inference_service, "_restore", refuse)
+    new = render_inference_service(make_spec(storage_uri="s3://models/brain-mri/v2"))
+    with pytest.raises(RolloutError) as info:
+        roll_out_inference_service(new, api_client, timeout_s=0.1, poll_interval_s=0.02)
+    message = str(info.value)
+    assert "Rolling back to the previous spec failed as well: HTTP 403 Forbidden" in message
+    assert "its storage URI was s3://models/brain-mri/v1" in message
+
+
+def test_roll_out_returns_once_ready(kube_api: KubeApi) -> None:
+    api_client = kube_api.api_client()
+    with FakeController(kube_api, "brain-mri", "kubeflow-user"):
+        rollout = roll_out_inference_service(
+            render_inference_service(make_spec()), api_client, timeout_s=30, poll_interval_s=0.02
+        )
+    assert rollout == Rollout("created", "Ready=True")

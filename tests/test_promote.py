@@ -1,17 +1,44 @@
-"""Promotion: versioned upload to the real local S3 server, ISVC create/patch through kmock."""
+"""Promotion: versioned upload to the real local S3 server, then a rollout through kmock.
 
+A :class:`~tests.kube_emulator.FakeController` plays KServe: it sets the Ready condition of each
+new spec, from a thread, while ``promote_model`` waits for it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from brainmri import CLASS_NAMES
 from brainmri.images import PreprocessConfig
-from brainmri.inference_service import InferenceServiceError, InferenceServiceSpec
+from brainmri.inference_service import (
+    InferenceServiceError,
+    InferenceServiceSpec,
+    RolloutError,
+    storage_uri_of,
+)
 from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri
-from components.promote import production_record_uri, promote_model
-from tests.kube_emulator import KubeApi
+from components.promote import (
+    Promotion,
+    model_version,
+    production_record_uri,
+    promote_model,
+)
+from tests.kube_emulator import FakeController, KubeApi, ready_status
+
+NAME = "brain-mri-classifier"
+NAMESPACE = "brain-mri"
+FINGERPRINT = "0123abcd" + "e" * 56
+BROKEN_IMAGE = "predictor:broken"  # the fake controller reports its revision as failed
+STUCK_IMAGE = "predictor:stuck"  # the fake controller never reports on it
+FAST = {"poll_interval_s": 0.02}  # tests poll often; success comes within a second
 
 
 def save_model(directory: Path, seed: int) -> Path:
@@ -22,52 +49,200 @@ def save_model(directory: Path, seed: int) -> Path:
     return bundle.save(directory)
 
 
-def spec() -> InferenceServiceSpec:
+def spec(image: str = "predictor:test", canary: int | None = None) -> InferenceServiceSpec:
     return InferenceServiceSpec(
-        name="brain-mri-classifier",
-        namespace="brain-mri",
+        name=NAME,
+        namespace=NAMESPACE,
         storage_uri="",
-        image="predictor:test",
-        model_name="brain-mri-classifier",
+        image=image,
+        model_name=NAME,
+        canary_traffic_percent=canary,
     )
 
 
-def test_promote_creates_then_patches_the_inference_service(
+def image_of(isvc: dict[str, Any]) -> str:
+    return isvc["spec"]["predictor"]["containers"][0]["image"]
+
+
+def kserve_outcome(isvc: dict[str, Any]) -> dict[str, Any] | None:
+    """Ready for a good image; a failed revision for the broken one; silence for the stuck one."""
+    image = image_of(isvc)
+    if image == BROKEN_IMAGE:
+        message = f"Unable to fetch image {BROKEN_IMAGE!r}: not found"
+        return ready_status("False", "RevisionFailed", message)
+    if image == STUCK_IMAGE:
+        return None
+    return ready_status()
+
+
+@pytest.fixture()
+def controller(kube_api: KubeApi) -> Iterator[FakeController]:
+    with FakeController(kube_api, NAME, NAMESPACE, kserve_outcome) as fake:
+        yield fake
+
+
+@pytest.fixture()
+def promote(
     store: ObjectStore, bucket: str, kube_api: KubeApi, tmp_path: Path
+) -> Callable[..., Promotion]:
+    """``promote(seed, **kwargs)``: promote a fresh model to the emulated cluster."""
+    api_client = kube_api.api_client()
+
+    def run(seed: int, isvc: InferenceServiceSpec | None = None, **kwargs: Any) -> Promotion:
+        kwargs = {"wait_ready_timeout_s": 30.0, **FAST, **kwargs}
+        model = save_model(tmp_path / f"m{seed}", seed)
+        return promote_model(model, NAME, bucket, isvc or spec(), store, api_client, **kwargs)
+
+    return run
+
+
+def record(store: ObjectStore, bucket: str) -> dict[str, Any] | None:
+    uri = production_record_uri(bucket, NAME)
+    return store.get_json(uri) if store.exists(uri) else None
+
+
+# -- versions ----------------------------------------------------------------------------------
+def test_version_is_utc_time_and_data_fingerprint(tmp_path: Path) -> None:
+    model = save_model(tmp_path / "m", 1)
+    now = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+    assert model_version(model, now, data_fingerprint=FINGERPRINT) == "20260304-050607-0123abcd"
+    by_weights = model_version(model, now)
+    assert re.fullmatch(r"20260304-050607-[0-9a-f]{8}", by_weights)
+    assert by_weights != model_version(save_model(tmp_path / "other", 2), now)
+    for bad in ("abc", "not-hex-at-all", ""):
+        with pytest.raises(ValueError, match="data_fingerprint"):
+            model_version(model, now, data_fingerprint=bad)
+
+
+# -- rollouts that become Ready ----------------------------------------------------------------
+def test_promote_creates_then_patches_and_records_only_after_ready(
+    store: ObjectStore,
+    bucket: str,
+    kube_api: KubeApi,
+    promote: Callable[..., Promotion],
+    controller: FakeController,
 ) -> None:
-    api = kube_api.api_client()
-    first = promote_model(
-        save_model(tmp_path / "m1", 1),
-        "brain-mri-classifier",
-        bucket,
-        spec(),
-        store,
-        api,
-        accuracy=0.91,
-    )
-    assert first.isvc_action == "created"
-    assert first.storage_uri == f"s3://{bucket}/brain-mri-classifier/{first.version}"
-    keys = set(store.list_keys(S3Uri(bucket, f"brain-mri-classifier/{first.version}")))
+    records_during_rollout: list[dict[str, Any] | None] = []
+
+    def outcome(isvc: dict[str, Any]) -> dict[str, Any] | None:
+        records_during_rollout.append(record(store, bucket))
+        return kserve_outcome(isvc)
+
+    controller.outcome = outcome
+    first = promote(1, accuracy=0.91, data_fingerprint=FINGERPRINT)
+    assert first.isvc_action == "created" and first.ready_detail == "Ready=True"
+    assert first.version.endswith("-0123abcd")
+    assert first.storage_uri == f"s3://{bucket}/{NAME}/{first.version}"
+    keys = set(store.list_keys(S3Uri(bucket, f"{NAME}/{first.version}")))
     assert {k.rsplit("/", 1)[1] for k in keys} == {"model.pt", "model.json"}
-    meta = store.get_json(S3Uri(bucket, f"brain-mri-classifier/{first.version}/model.json"))
+    meta = store.get_json(S3Uri(bucket, f"{NAME}/{first.version}/model.json"))
     assert meta["metadata"]["version"] == first.version
 
-    second = promote_model(
-        save_model(tmp_path / "m2", 2),
-        "brain-mri-classifier",
-        bucket,
-        spec(),
-        store,
-        api,
-        accuracy=0.95,
-    )
+    second = promote(2, accuracy=0.95)
     assert second.isvc_action == "patched" and second.version != first.version
-    stored = kube_api.stored("brain-mri-classifier", "brain-mri")
-    env = stored["spec"]["predictor"]["containers"][0]["env"]
-    assert {"name": "STORAGE_URI", "value": second.storage_uri} in env
-    record = store.get_json(production_record_uri(bucket, "brain-mri-classifier"))
-    assert record["version"] == second.version and record["accuracy"] == 0.95
+    assert second.previous_version == first.version
+    stored = kube_api.stored(NAME, NAMESPACE)
+    assert storage_uri_of(stored) == second.storage_uri
+    assert stored["spec"]["predictor"]["serviceAccountName"] == "kserve-s3"
+    saved = record(store, bucket)
+    assert saved["version"] == second.version and saved["accuracy"] == 0.95
+    assert saved["previous_version"] == first.version and saved["canary_traffic_percent"] is None
     assert "kind: InferenceService" in second.isvc_yaml
+    # while each rollout was in progress the record still named the version before it
+    assert [r and r["version"] for r in records_during_rollout] == [None, first.version]
+
+
+def test_a_controller_that_goes_straight_to_ready_is_seen(
+    store: ObjectStore, bucket: str, kube_api: KubeApi, promote: Callable[..., Promotion]
+) -> None:
+    """No Ready=Unknown in between: the new lastTransitionTime tells it from the old status."""
+    with FakeController(kube_api, NAME, NAMESPACE, kserve_outcome, show_progress=False):
+        promote(1)
+        second = promote(2)
+    assert record(store, bucket)["version"] == second.version
+
+
+def test_canary_percent_is_rolled_out_then_cleared(
+    store: ObjectStore,
+    bucket: str,
+    kube_api: KubeApi,
+    promote: Callable[..., Promotion],
+    controller: FakeController,
+) -> None:
+    first = promote(1)
+    canary = promote(2, spec(canary=20))
+    predictor = kube_api.stored(NAME, NAMESPACE)["spec"]["predictor"]
+    assert predictor["canaryTrafficPercent"] == 20
+    saved = record(store, bucket)
+    assert (saved["version"], saved["canary_traffic_percent"]) == (canary.version, 20)
+    assert saved["previous_version"] == first.version  # still serving the other 80 %
+
+    full = promote(3)
+    assert "canaryTrafficPercent" not in kube_api.stored(NAME, NAMESPACE)["spec"]["predictor"]
+    assert record(store, bucket)["version"] == full.version
+
+
+# -- rollouts that do not ----------------------------------------------------------------------
+def test_failed_revision_rolls_back_fast_and_keeps_the_record(
+    store: ObjectStore,
+    bucket: str,
+    kube_api: KubeApi,
+    promote: Callable[..., Promotion],
+    controller: FakeController,
+) -> None:
+    first = promote(1)
+    before = kube_api.stored(NAME, NAMESPACE)["spec"]
+    with pytest.raises(RolloutError) as info:
+        promote(2, spec(image=BROKEN_IMAGE, canary=30), wait_ready_timeout_s=600.0)
+    message = str(info.value)
+    assert "failed to roll out: Ready=False (RevisionFailed): Unable to fetch image" in message
+    assert f"Rolled back: the previous spec (storage URI {first.storage_uri}) is restored" in (
+        message
+    )
+    assert f"still names {first.version}" in message
+    assert kube_api.stored(NAME, NAMESPACE)["spec"] == before  # canary percent removed again
+    assert record(store, bucket)["version"] == first.version
+    assert [image_of({"spec": s}) for s in controller.wait_for_specs(3)] == [
+        "predictor:test",
+        BROKEN_IMAGE,
+        "predictor:test",  # the restored spec, which the controller reconciles again
+    ]
+
+
+def test_stale_ready_is_not_trusted_and_the_timeout_rolls_back(
+    store: ObjectStore,
+    bucket: str,
+    kube_api: KubeApi,
+    promote: Callable[..., Promotion],
+    controller: FakeController,
+) -> None:
+    """After the patch the status still says Ready=True for the old spec: that is no success."""
+    first = promote(1)
+    before = kube_api.stored(NAME, NAMESPACE)["spec"]
+    with pytest.raises(RolloutError) as info:
+        promote(2, spec(image=STUCK_IMAGE), wait_ready_timeout_s=0.5)
+    message = str(info.value)
+    assert "did not become Ready within 0.5s" in message
+    assert "no status for the new spec yet (still Ready=True)" in message
+    assert "Rolled back" in message
+    assert kube_api.stored(NAME, NAMESPACE)["spec"] == before
+    assert record(store, bucket)["version"] == first.version
+
+
+def test_first_rollout_that_fails_leaves_no_record(
+    store: ObjectStore,
+    bucket: str,
+    kube_api: KubeApi,
+    promote: Callable[..., Promotion],
+    controller: FakeController,
+) -> None:
+    with pytest.raises(RolloutError) as info:
+        promote(1, spec(image=BROKEN_IMAGE))
+    message = str(info.value)
+    assert "RevisionFailed" in message and "left in place for inspection" in message
+    assert "still names no version (none was promoted before)" in message
+    assert image_of(kube_api.stored(NAME, NAMESPACE)) == BROKEN_IMAGE
+    assert record(store, bucket) is None
 
 
 def test_without_a_cluster_the_model_is_still_published(
@@ -76,9 +251,10 @@ def test_without_a_cluster_the_model_is_still_published(
     result = promote_model(save_model(tmp_path / "m", 3), "m", bucket, spec(), store, None)
     assert result.isvc_action.startswith("skipped")
     assert store.exists(S3Uri(bucket, f"m/{result.version}/model.pt"))
+    assert store.get_json(production_record_uri(bucket, "m"))["version"] == result.version
 
 
-def test_failed_rollout_leaves_production_record_untouched(
+def test_unreachable_cluster_leaves_production_record_untouched(
     store: ObjectStore, bucket: str, tmp_path: Path
 ) -> None:
     from kubernetes import client

@@ -4,26 +4,38 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import io
+import json
 import logging
 import os
+import pickle
+import random
+import re
 import secrets
 import struct
 import subprocess
 import sys
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import requests
+import torch
 from kserve import InferInput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 from PIL import Image
+from prometheus_client import REGISTRY
+from starlette.applications import Starlette
+from starlette.requests import Request as StarletteRequest
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from brainmri import CLASS_NAMES
 from brainmri.demo_data import synthetic_slice
@@ -31,12 +43,16 @@ from brainmri.images import PreprocessConfig, decode_image
 from brainmri.local_s3 import free_ports
 from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri, StorageError
-from serving.__main__ import build_parser, main
+from serving import __main__ as serving_main
+from serving import limits, predictor
+from serving.__main__ import build_parser, forward_threads, main
+from serving.limits import PayloadLimitMiddleware
 from serving.predictor import BrainMRIModel
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "brain-mri"
 STARTUP_TIMEOUT_S = 90.0
+MAX_PAYLOAD_BYTES = 1_000_000  # the real server's limit in these tests
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -263,6 +279,19 @@ def test_v1_bad_input_raises_invalid_input(
         assert fragment in str(info.value)
 
 
+def test_unexpected_decoder_errors_are_bad_input(
+    loaded: BrainMRIModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PIL plugins can raise e.g. struct.error on crafted files: still a 400, not a 500."""
+
+    def crash(_data: bytes) -> Image.Image:
+        raise struct.error("unpack requires a buffer of 4 bytes")
+
+    monkeypatch.setattr(predictor, "decode_image", crash)
+    with pytest.raises(InvalidInput, match=r"instances\[0\]: not a readable image \(error: unpack"):
+        infer(loaded, v1_body(encode()))
+
+
 def test_v1_reports_every_bad_instance_at_once(loaded: BrainMRIModel) -> None:
     body = {"instances": [GOOD, {"image_bytes": {"b64": "%%%"}}, GOOD, {"nope": 1}]}
     with pytest.raises(InvalidInput) as info:
@@ -297,7 +326,7 @@ def test_v2_base64_strings_and_raw_bytes(loaded: BrainMRIModel) -> None:
 @pytest.mark.parametrize(
     ("request_", "fragment"),
     [
-        (v2_request([1.0], datatype="FP32"), "expected BYTES"),
+        (v2_request([1.0], datatype="FP64"), "has datatype FP64; expected BYTES"),
         (v2_request([b64(encode())], shape=[3]), "does not fit shape [3]"),
         (v2_request([b64(encode()), "@@"]), "image_bytes[1]: not valid base64"),
         (v2_request([b"not an image"]), "image_bytes[0]: not a readable image"),
@@ -324,9 +353,114 @@ def test_v2_bad_input_raises_invalid_input(
 
 
 def test_v2_metadata_describes_tensors(loaded: BrainMRIModel) -> None:
-    assert loaded.get_input_types() == [{"name": "image_bytes", "datatype": "BYTES", "shape": [-1]}]
+    assert loaded.get_input_types() == [
+        {"name": "image_bytes", "datatype": "BYTES", "shape": [-1]},
+        {"name": "pixels", "datatype": "FP32", "shape": [-1, 3, 64, 64]},
+    ]
     outputs = {o["name"]: o for o in loaded.get_output_types()}
     assert outputs["probabilities"]["shape"] == [-1, len(CLASS_NAMES)]
+
+
+def pixels_request(pixels: np.ndarray, datatype: str = "FP32") -> InferRequest:
+    tensor = InferInput("pixels", list(pixels.shape), datatype)
+    tensor.set_data_from_numpy(pixels, binary_data=False)
+    return InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor], request_id="req-2")
+
+
+def preprocessed(model: BrainMRIModel, *images: bytes) -> np.ndarray:
+    return np.stack([model.bundle.preprocess(decode_image(img)).numpy() for img in images])
+
+
+def test_v2_fp32_tensors_match_encoded_images(loaded: BrainMRIModel) -> None:
+    """A preprocessed FP32 batch gets the same answer as the encoded images it came from."""
+    images = [encode("glioma", 5), encode("notumor", 6)]
+    from_pixels = infer(loaded, pixels_request(preprocessed(loaded, *images)))
+    from_bytes = infer(loaded, v2_request([b64(img) for img in images]))
+    assert from_pixels.id == "req-2" and from_pixels.model_version == "v1"
+    labels = from_pixels.get_output_by_name("label")
+    assert labels.data == from_bytes.get_output_by_name("label").data
+    probs = from_pixels.get_output_by_name("probabilities")
+    assert probs.shape == [2, len(CLASS_NAMES)]
+    assert probs.data == pytest.approx(from_bytes.get_output_by_name("probabilities").data)
+
+
+@pytest.mark.parametrize(
+    ("pixels", "datatype", "fragments"),
+    [
+        (np.zeros((1, 3, 32, 32), np.float32), "FP32", ["shape [1, 3, 32, 32]", "[N, 3, 64, 64]"]),
+        (np.zeros((2, 64, 64), np.float32), "FP32", ["shape [2, 64, 64]", "[N, 3, 64, 64]"]),
+        (np.zeros((1, 1, 64, 64), np.float32), "FP32", ["[1, 1, 64, 64]", "3 channels"]),
+        (np.zeros((9, 3, 64, 64), np.float32), "FP32", ["holds 9 images", "limit of 8"]),
+        (np.zeros((0, 3, 64, 64), np.float32), "FP32", ["is empty"]),
+        (np.full((1, 3, 64, 64), np.nan, np.float32), "FP32", ["NaN or infinite"]),
+        (np.zeros((1, 3, 64, 64), np.float64), "FP64", ["datatype FP64", "FP32", "BYTES"]),
+        (np.zeros((1, 3, 64, 64), np.float16), "FP16", ["datatype FP16", "[N, 3, 64, 64]"]),
+    ],
+    ids=["small", "no-channels", "one-channel", "too-many", "empty", "nan", "fp64", "fp16"],
+)
+def test_v2_fp32_bad_tensors_name_expected_and_got(
+    loaded: BrainMRIModel, pixels: np.ndarray, datatype: str, fragments: list[str]
+) -> None:
+    with pytest.raises(InvalidInput) as info:
+        infer(loaded, pixels_request(pixels, datatype))
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_v2_fp32_data_that_does_not_fit_its_shape(loaded: BrainMRIModel) -> None:
+    tensor = InferInput("pixels", [1, 3, 64, 64], "FP32", data=[0.0] * 10)
+    request = InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor])
+    with pytest.raises(InvalidInput, match="does not fit shape"):
+        infer(loaded, request)
+
+
+def test_image_pixel_limit_is_checked_before_decoding(bundle_dir: Path) -> None:
+    model = BrainMRIModel(MODEL_NAME, str(bundle_dir), device="cpu", max_image_pixels=32 * 32)
+    model.load()
+    try:
+        with pytest.raises(
+            InvalidInput, match=r"instances\[0\]: image of 64x64 pixels is too large"
+        ):
+            infer(model, v1_body(encode()))
+    finally:
+        model.stop()
+
+
+def test_declared_payload_size_over_the_limit_is_refused(bundle_dir: Path) -> None:
+    model = BrainMRIModel(MODEL_NAME, str(bundle_dir), device="cpu", max_payload_bytes=1000)
+    model.load()
+    try:
+        body = v1_body(encode())
+        with pytest.raises(InvalidInput, match=r"5000 bytes.*limit of 1000 bytes"):
+            asyncio.run(model(body, headers={"content-length": "5000"}))
+        response, _ = asyncio.run(model(body, headers={"content-length": "900"}))
+        assert_valid_predictions(response["predictions"], 1)
+    finally:
+        model.stop()
+
+
+def test_rejections_and_batch_sizes_are_counted(loaded: BrainMRIModel) -> None:
+    def sample(name: str, labels: dict[str, str]) -> float:
+        return REGISTRY.get_sample_value(name, {"model_name": MODEL_NAME, **labels}) or 0.0
+
+    rejected_before = sample("brainmri_rejected_requests_total", {"reason": "invalid_input"})
+    images_before = sample("brainmri_request_images_sum", {})
+    with pytest.raises(InvalidInput):
+        infer(loaded, {"instances": []})
+    infer(loaded, v1_body(encode(), encode()))
+    assert sample("brainmri_rejected_requests_total", {"reason": "invalid_input"}) == (
+        rejected_before + 1
+    )
+    assert sample("brainmri_request_images_sum", {}) == images_before + 2
+    info = {"version": "v1", "backbone": "tiny_cnn", "image_size": "64"}
+    assert sample("brainmri_model_info", info) == 1.0
+
+
+def test_model_survives_pickling_into_a_worker_process(loaded: BrainMRIModel) -> None:
+    """``--workers N`` pickles the model into spawned processes; thread pools are rebuilt."""
+    clone = pickle.loads(pickle.dumps(loaded))
+    assert_valid_predictions(infer(clone, v1_body(encode()))["predictions"], 1)
+    clone.stop()
 
 
 def test_cli_parses_kserve_and_own_flags() -> None:
@@ -347,6 +481,98 @@ def test_cli_parses_kserve_and_own_flags() -> None:
             build_parser().parse_args(bad)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--storage_uri", "/m", "--max_batch_size", "0"])
+
+
+def test_cli_accepts_dashed_spellings() -> None:
+    """The issue's and README's ``--model-name``/``--storage-uri``, next to KServe's style."""
+    argv = ["--model-name", "x", "--storage-uri", "s3://b/m", "--max-batch-size", "4"]
+    argv += ["--max-payload-bytes", "1000", "--max-image-pixels", "64", "--torch-threads", "1"]
+    args = build_parser().parse_args(argv)
+    assert (args.model_name, args.storage_uri, args.max_batch_size) == ("x", "s3://b/m", 4)
+    assert (args.max_payload_bytes, args.max_image_pixels, args.torch_threads) == (1000, 64, 1)
+    assert build_parser().parse_args(["--model-dir", "/mnt/models"]).model_dir == "/mnt/models"
+    assert build_parser().parse_args(["--model_dir", "/m"]).model_name == "model"  # kserve's
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--storage-uri", "s3://b/m", "--model-dir", "/mnt/models"])
+
+
+def test_thread_defaults_fit_the_cpu_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(serving_main, "cpu_budget", lambda: 4)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert forward_threads(cpu, None, None) == (4, 1)  # single-threaded passes side by side
+    assert forward_threads(cpu, 1, None) == (1, 4)
+    assert forward_threads(cpu, 3, None) == (3, 1)
+    assert forward_threads(cpu, 2, 3) == (2, 3)  # flags win
+    assert forward_threads(cuda, None, None) == (1, 4)
+
+
+# -- the payload limit, as ASGI middleware -----------------------------------------------------
+async def _echo(request: StarletteRequest) -> JSONResponse:
+    body = await request.body()
+    return JSONResponse({"size": len(body), "sha256": hashlib.sha256(body).hexdigest()})
+
+
+def call_limited(method: str, content: bytes | list[bytes] | None = None) -> tuple[int, dict, int]:
+    """One request to a tiny echo app behind a 100-byte limit: (status, JSON, rejections).
+
+    ``content`` as a list of chunks is streamed without a Content-Length.
+    """
+    rejected: list[int] = []
+    app = Starlette(routes=[Route("/echo", _echo, methods=["GET", "POST"])])
+    app.add_middleware(PayloadLimitMiddleware, max_bytes=100, on_reject=lambda: rejected.append(1))
+
+    async def chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
+        for part in parts:
+            yield part
+
+    async def run() -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            body = chunks(content) if isinstance(content, list) else content
+            return await client.request(method, "/echo", content=body)
+
+    response = asyncio.run(run())
+    return response.status_code, response.json(), len(rejected)
+
+
+def test_payload_limit_passes_bodies_up_to_the_limit_unchanged() -> None:
+    body = bytes(range(100))
+    assert call_limited("POST", body) == (
+        200,
+        {"size": 100, "sha256": hashlib.sha256(body).hexdigest()},
+        0,
+    )
+    assert call_limited("POST", [body[:40], body[40:80]]) == (
+        200,
+        {"size": 80, "sha256": hashlib.sha256(body[:80]).hexdigest()},
+        0,
+    )
+    assert call_limited("GET")[:2] == (200, {"size": 0, "sha256": hashlib.sha256().hexdigest()})
+
+
+def test_payload_limit_answers_413_naming_the_limit() -> None:
+    status, body, rejected = call_limited("POST", b"x" * 101)
+    assert (status, rejected) == (413, 1)
+    assert "101 bytes" in body["error"]
+    assert "limit of 100 bytes (--max_payload_bytes)" in body["error"]
+    status, body, rejected = call_limited("POST", [b"x" * 60, b"y" * 60])
+    assert (status, rejected) == (413, 1)
+    assert "exceeds 100 bytes" in body["error"]
+    with pytest.raises(ValueError, match="at least 1"):
+        PayloadLimitMiddleware(app=Starlette(), max_bytes=0)
+
+
+def test_cpu_budget_honours_a_cgroup_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    monkeypatch.setattr(limits, "_CGROUP_CPU_MAX", cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert limits.cpu_budget() == affinity  # no cgroup file
+    cpu_max.write_text("max 100000\n")
+    assert limits.cpu_budget() == affinity
+    cpu_max.write_text("50000 100000\n")  # half a CPU still gets one thread
+    assert limits.cpu_budget() == 1
+    cpu_max.write_text(f"{(affinity + 4) * 100000} 100000\n")
+    assert limits.cpu_budget() == affinity
 
 
 # -- the real server, over HTTP and gRPC -------------------------------------------------------
@@ -413,14 +639,16 @@ def server(
         sys.executable,
         "-m",
         "serving",
-        "--model_name",
+        "--model-name",  # the dashed spellings of the issue and README
         MODEL_NAME,
-        "--storage_uri",
+        "--storage-uri",
         f"s3://{bucket}/m/v1",
         "--http_port",
         str(http_port),
         "--grpc_port",
         str(grpc_port),
+        "--max_payload_bytes",
+        str(MAX_PAYLOAD_BYTES),
     ]
     url = f"http://127.0.0.1:{http_port}"
     with log_path.open("wb") as log:
@@ -554,3 +782,177 @@ def test_server_handles_concurrent_requests(server: Server) -> None:
     for body, response in zip(bodies, responses, strict=True):
         assert response.status_code == 200, response.text
         assert_valid_predictions(response.json()["predictions"], len(body["instances"]))
+
+
+def test_server_health_metadata_and_metrics(server: Server) -> None:
+    for path in ("/v2/health/live", "/v2/health/ready", f"/v2/models/{MODEL_NAME}/ready"):
+        response = requests.get(f"{server.url}{path}", timeout=5)
+        assert response.status_code == 200, (path, response.text)
+    meta = requests.get(f"{server.url}/v2/models/{MODEL_NAME}", timeout=5).json()
+    assert [(i["name"], i["datatype"]) for i in meta["inputs"]] == [
+        ("image_bytes", "BYTES"),
+        ("pixels", "FP32"),
+    ]
+    assert server.predict(v1_body(encode())).status_code == 200
+    assert server.predict({"instances": []}).status_code == 400
+    metrics = requests.get(f"{server.url}/metrics", timeout=5)
+    assert metrics.status_code == 200
+    text = metrics.text
+    for sample in (
+        f'request_predict_seconds_count{{model_name="{MODEL_NAME}"}}',  # KServe's own
+        f'request_preprocess_seconds_bucket{{le="0.005",model_name="{MODEL_NAME}"}}',
+        f'brainmri_request_images_count{{model_name="{MODEL_NAME}"}}',
+        f'brainmri_rejected_requests_total{{model_name="{MODEL_NAME}",reason="invalid_input"}}',
+        f'brainmri_model_info{{backbone="tiny_cnn",image_size="64",model_name="{MODEL_NAME}",'
+        'version="v1"} 1.0',
+    ):
+        assert sample in text, sample
+
+
+def test_server_v2_fp32_tensors_as_json_and_binary(server: Server) -> None:
+    pixels = np.random.default_rng(0).normal(size=(2, 3, 64, 64)).astype(np.float32)
+    url = f"{server.url}/v2/models/{MODEL_NAME}/infer"
+    body = {"inputs": [{"name": "pixels", "shape": [2, 3, 64, 64], "datatype": "FP32"}]}
+    body["inputs"][0]["data"] = pixels.reshape(-1).tolist()
+    as_json = requests.post(url, json=body, timeout=30)
+    assert as_json.status_code == 200, as_json.text
+    probs = {o["name"]: o for o in as_json.json()["outputs"]}["probabilities"]
+    assert probs["shape"] == [2, len(CLASS_NAMES)]
+
+    tensor = InferInput("pixels", [2, 3, 64, 64], "FP32")
+    tensor.set_data_from_numpy(pixels, binary_data=True)
+    payload, json_length = InferRequest(model_name=MODEL_NAME, infer_inputs=[tensor]).to_rest()
+    headers = {
+        "content-type": "application/octet-stream",
+        "inference-header-content-length": str(json_length),
+    }
+    binary = requests.post(url, data=payload, headers=headers, timeout=30)
+    assert binary.status_code == 200, binary.text
+    again = {o["name"]: o for o in binary.json()["outputs"]}["probabilities"]
+    assert again["data"] == pytest.approx(probs["data"], abs=1e-6)
+
+    wrong = {"inputs": [{"name": "pixels", "shape": [1, 3, 8, 8], "datatype": "FP32"}]}
+    wrong["inputs"][0]["data"] = [0.0] * 192
+    response = requests.post(url, json=wrong, timeout=30)
+    assert response.status_code == 400
+    assert "shape [1, 3, 8, 8]" in response.json()["error"]
+    assert "[N, 3, 64, 64]" in response.json()["error"]
+
+
+def test_server_refuses_oversized_payloads_with_413_and_stays_up(server: Server) -> None:
+    big = b64(os.urandom(MAX_PAYLOAD_BYTES))
+    declared = server.predict({"instances": [{"image_bytes": {"b64": big}}]})
+    assert declared.status_code == 413, declared.text
+    assert f"limit of {MAX_PAYLOAD_BYTES} bytes (--max_payload_bytes)" in declared.json()["error"]
+
+    def chunks() -> Iterator[bytes]:  # no Content-Length: the limit is enforced while reading
+        yield b'{"instances": [{"image_bytes": {"b64": "'
+        for _ in range(12):
+            yield b"A" * 100_000
+        yield b'"}}]}'
+
+    streamed = server.predict(data=chunks(), headers={"content-type": "application/json"})
+    assert streamed.status_code == 413, streamed.text
+    assert "exceeds" in streamed.json()["error"]
+    server.assert_alive()
+    metrics = requests.get(f"{server.url}/metrics", timeout=5).text
+    counted = re.search(
+        rf'brainmri_rejected_requests_total{{model_name="{MODEL_NAME}",'
+        r'reason="payload_too_large"} ([0-9.]+)',
+        metrics,
+    )
+    assert counted and float(counted.group(1)) >= 2
+    assert server.predict(v1_body(encode())).status_code == 200
+
+
+def random_json(rng: random.Random, depth: int = 0) -> object:
+    kinds = ["int", "float", "str", "bool", "null"] + (["list", "dict"] if depth < 3 else [])
+    kind = rng.choice(kinds)
+    if kind == "list":
+        return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))]
+    if kind == "dict":
+        keys = ["instances", "inputs", "image_bytes", "b64", "data", "shape", "datatype", "name"]
+        return {rng.choice(keys): random_json(rng, depth + 1) for _ in range(rng.randint(0, 4))}
+    return {
+        "int": lambda: rng.randint(-(2**40), 2**40),
+        "float": lambda: rng.uniform(-1e6, 1e6),
+        "str": lambda: "".join(rng.choice("ab=+/%!é\x00") for _ in range(rng.randint(0, 12))),
+        "bool": lambda: rng.random() < 0.5,
+        "null": lambda: None,
+    }[kind]()
+
+
+def malformed_request(rng: random.Random, image: bytes) -> tuple[str, bytes, dict[str, str]]:
+    """(path, body, headers) of one random malformed request, v1 or v2."""
+    v1, v2 = f"/v1/models/{MODEL_NAME}:predict", f"/v2/models/{MODEL_NAME}/infer"
+    as_json = {"content-type": "application/json"}
+
+    def dumps(obj: object) -> bytes:
+        return json.dumps(obj).encode()
+
+    def v2_input() -> dict:
+        datatype = rng.choice(["BYTES", "FP32", "FP64", "INT8", "UINT64", "BOGUS", 7])
+        if rng.random() < 0.5:  # well-formed JSON, wrong content: shapes and data that agree
+            shape = rng.choice([[2], [1, 3, 64, 64], [1, 3, 8, 8], [2, 3, 64, 64], [3, 64, 64]])
+            count = 1 if not shape[0] else int(np.prod(shape))
+            values = [random_json(rng) if rng.random() < 0.1 else rng.random()] * count
+            return {"name": "x", "shape": shape, "datatype": datatype, "data": values}
+        shape = [rng.randint(-2, 4) for _ in range(rng.randint(0, 5))]
+        return {"name": "x", "shape": shape, "datatype": datatype, "data": random_json(rng)}
+
+    choice = rng.randrange(10)
+    if choice == 0:
+        return rng.choice([v1, v2]), os.urandom(rng.randint(0, 3000)), as_json
+    if choice == 1:
+        return rng.choice([v1, v2]), dumps(random_json(rng)), as_json
+    if choice == 2:
+        body = {"instances": [random_json(rng) for _ in range(rng.randint(1, 5))]}
+        return v1, dumps(body), as_json
+    if choice == 3:
+        garbage = b64(os.urandom(rng.randint(1, 500)))
+        return v1, dumps({"instances": [{"image_bytes": {"b64": garbage}}]}), as_json
+    if choice == 4:
+        cut = b64(image[: rng.randint(1, len(image) - 1)])
+        return (
+            v1,
+            dumps({"instances": [{"image_bytes": {"b64": cut}}] * rng.randint(1, 3)}),
+            as_json,
+        )
+    if choice == 5:
+        inputs = [v2_input() for _ in range(rng.choice([1, 1, 1, 0, 2]))]
+        return v2, dumps({"inputs": inputs}), as_json
+    if choice == 6:
+        headers = {"inference-header-content-length": str(rng.randint(-5, 5000))}
+        return v2, os.urandom(rng.randint(0, 2000)), headers
+    if choice == 7:
+        text = dumps(v1_body(image))
+        return v1, text[: rng.randint(0, len(text) - 1)], as_json
+    if choice == 8:
+        content_type = rng.choice(["text/plain", "image/png", "application/x-www-form-urlencoded"])
+        return rng.choice([v1, v2]), os.urandom(rng.randint(0, 500)), {"content-type": content_type}
+    count = rng.choice([0, 65, 200])
+    return v1, dumps({"instances": [{"image_bytes": {"b64": b64(image)}}] * count}), as_json
+
+
+def test_server_survives_a_burst_of_random_malformed_bodies(server: Server) -> None:
+    """Hundreds of random malformed requests, 8 at a time: every one a 4xx, none a 5xx."""
+    rng = random.Random(6)
+    image = encode("glioma", 11)
+    requests_ = [malformed_request(rng, image) for _ in range(300)]
+
+    def send(item: tuple[str, bytes, dict[str, str]]) -> tuple[int, str]:
+        path, body, headers = item
+        response = requests.post(f"{server.url}{path}", data=body, headers=headers, timeout=30)
+        return response.status_code, response.text[:300]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        outcomes = list(pool.map(send, requests_))
+    not_4xx = [
+        (path, body[:120], status, text)
+        for (path, body, _), (status, text) in zip(requests_, outcomes, strict=True)
+        if not 400 <= status < 500
+    ]
+    assert not not_4xx, not_4xx[:5]
+    server.assert_alive()
+    response = server.predict(v1_body(encode("pituitary", 12)))
+    assert response.status_code == 200, response.text
