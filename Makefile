@@ -14,7 +14,8 @@ CLUSTER_YAML ?= build/brain_mri_pipeline.yaml
 GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 
-.PHONY: help venv run test lint format compile manifests clean images cluster-yaml upload
+.PHONY: help venv run test lint format compile manifests clean images cluster-yaml upload \
+	bench bench-ingest bench-accuracy bench-serve
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -68,6 +69,17 @@ manifests: $(STAMP) ## render the kustomize overlays with the bundled kubectl (n
 	  echo "# --- $$overlay"; \
 	  $(BIN)/python -c "import sys; from brainmri.kubectl import kustomize_build; print(kustomize_build(sys.argv[1]))" $$overlay; \
 	done
+
+bench: bench-ingest bench-serve bench-accuracy ## every benchmark (figures in benchmarks/results/*.json)
+
+bench-ingest: $(STAMP) ## ingest the real data set (../shared/data/brain-mri/Training); target well under 1 min
+	$(BIN)/python -m benchmarks.bench_ingest
+
+bench-serve: $(STAMP) ## serving benchmark: model server under load vs raw forward (writes benchmarks/results/serve.json)
+	$(BIN)/python -m benchmarks.bench_serve
+
+bench-accuracy: $(STAMP) ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 CPU cores (BENCH_ARGS="--smoke" for a quick check)
+	$(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ARGS)
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf .run local_outputs .pytest_cache

@@ -31,10 +31,13 @@ def ingest(
     model_name: str = "brain-mri-classifier",
     skip_if_unchanged: bool = False,
     max_quarantine_fraction: float = 0.05,
-) -> NamedTuple("IngestOutputs", [("num_images", int), ("fingerprint", str), ("proceed", bool)]):
-    """Validate and deduplicate the source images, report them, and decide whether to train."""
+) -> bool:
+    """Validate and deduplicate the source images, report them; True when training should go on.
+
+    The dataset fingerprint is in the dataset's metadata and its ``ingest_report.json``. (One
+    plain output named ``Output``: kfp.local resolves conditions only on such outputs.)
+    """
     from pathlib import Path
-    from typing import NamedTuple
 
     from brainmri.dataset import MANIFEST_FILE, read_manifest
     from brainmri.registry import read_production_record
@@ -68,9 +71,8 @@ def ingest(
             "source": source,
         }
     )
-    return NamedTuple(
-        "IngestOutputs", [("num_images", int), ("fingerprint", str), ("proceed", bool)]
-    )(report.total, report.fingerprint, proceed)
+    dataset.metadata["num_images"] = report.total
+    return proceed
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -106,13 +108,32 @@ def augment(
     brightness: float,
     contrast: float,
     hflip_probability: float,
+    vflip_probability: float,
+    crop_scale: float,
+    gamma: float,
+    bias_field: float,
+    noise_std: float,
+    noise_kind: str,
+    mri_probability: float,
 ) -> None:
     """Validate the augmentation parameters and write them as a JSON artifact."""
     from components.augment import AugmentConfig
 
-    config = AugmentConfig(rotation_degrees, brightness, contrast, hflip_probability)
+    config = AugmentConfig(
+        rotation_degrees=rotation_degrees,
+        brightness=brightness,
+        contrast=contrast,
+        hflip_probability=hflip_probability,
+        vflip_probability=vflip_probability,
+        crop_scale=crop_scale,
+        gamma=gamma,
+        bias_field=bias_field,
+        noise_std=noise_std,
+        noise_kind=noise_kind,
+        mri_probability=mri_probability,
+    )
     config.save(augment_config.path)
-    augment_config.metadata.update(vars(config))
+    augment_config.metadata.update(config.to_dict())
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -121,18 +142,34 @@ def train(
     split_manifest_csv: Input[Dataset],
     augment_config: Input[Artifact],
     model: Output[Model],
+    training_metrics: Output[Metrics],
     backbone: str,
     image_size: int,
     epochs: int,
     batch_size: int,
     learning_rate: float,
     seed: int,
+    pretrained: bool,
+    head_epochs: int,
+    schedule: str,
+    patience: int,
+    label_smoothing: float,
+    weight_decay: float,
+    checkpoint_uri: str,
+    workers: int = 1,
+    namespace: str = "brain-mri",
+    run_id: str = "local",
+    models_bucket: str = "models",
 ) -> float:
-    """Train the classifier; outputs the model bundle and its best validation accuracy."""
+    """Train the classifier; outputs the model bundle and its best validation accuracy.
+
+    Saves the training state to ``checkpoint_uri`` after every epoch and, when the task is
+    retried, resumes from it. ``workers > 1`` trains as a PyTorchJob (DDP) of that many replicas.
+    """
     from pathlib import Path
 
-    from components.augment import AugmentConfig
-    from components.train import TrainConfig, train_model
+    from components.train import TrainConfig
+    from components.train_job import run_training
 
     config = TrainConfig(
         backbone=backbone,
@@ -141,16 +178,44 @@ def train(
         batch_size=batch_size,
         learning_rate=learning_rate,
         seed=seed,
+        pretrained=pretrained,
+        head_epochs=head_epochs,
+        schedule=schedule,
+        patience=patience,
+        label_smoothing=label_smoothing,
+        weight_decay=weight_decay,
     )
-    result = train_model(
+    trained = run_training(
         Path(dataset.path),
         Path(split_manifest_csv.path),
+        Path(augment_config.path),
         Path(model.path),
         config,
-        AugmentConfig.load(Path(augment_config.path)),
+        checkpoint_uri=checkpoint_uri or None,
+        workers=workers,
+        namespace=namespace,
+        run_id=run_id,
+        models_bucket=models_bucket,
     )
-    model.metadata.update({"backbone": backbone, "val_accuracy": result.best_val_accuracy})
-    return result.best_val_accuracy
+    model.metadata.update(
+        {
+            "backbone": backbone,
+            "val_accuracy": trained["best_val_accuracy"],
+            "best_epoch": trained["best_epoch"],
+            "resumed_from_epoch": trained["resumed_from_epoch"],
+            "world_size": trained["world_size"],
+        }
+    )
+    training_metrics.log_metric("best_val_accuracy", trained["best_val_accuracy"])
+    training_metrics.log_metric("best_epoch", trained["best_epoch"])
+    training_metrics.log_metric("epochs_run", len(trained["history"]))
+    training_metrics.log_metric("training_minutes", trained["training_seconds"] / 60)
+    training_metrics.log_metric("train_images_per_s", trained["train_images_per_s"])
+    for epoch in trained["history"]:  # per-epoch curves, one scalar each (Metrics holds scalars)
+        prefix = f"epoch{epoch['epoch']:02d}"
+        training_metrics.log_metric(f"{prefix}_val_accuracy", epoch["val_accuracy"])
+        training_metrics.log_metric(f"{prefix}_train_loss", epoch["train_loss"])
+    return trained["best_val_accuracy"]
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -160,27 +225,82 @@ def evaluate(
     split_manifest_csv: Input[Dataset],
     metrics: Output[Metrics],
     classification_metrics: Output[ClassificationMetrics],
+    roc_glioma: Output[ClassificationMetrics],
+    roc_meningioma: Output[ClassificationMetrics],
+    roc_notumor: Output[ClassificationMetrics],
+    roc_pituitary: Output[ClassificationMetrics],
+    report: Output[Markdown],
 ) -> NamedTuple("EvaluateOutputs", [("accuracy", float)]):
-    """Score the model on the test split; logs KFP metrics and returns the accuracy."""
+    """Score the model on the test split: KFP metrics, confusion matrix, ROC curves (micro
+    average with the confusion matrix, one-vs-rest per class in roc_<class>), and a Markdown
+    report with the worst mistakes and the model card. Returns the accuracy."""
     from pathlib import Path
     from typing import NamedTuple
 
-    from components.evaluate import evaluate_model
+    from components.evaluate import evaluate_model, render_report
+    from components.split import load_split
 
-    result = evaluate_model(Path(model.path), Path(dataset.path), Path(split_manifest_csv.path))
-    metrics.log_metric("accuracy", result.accuracy)
-    metrics.log_metric("balanced_accuracy", result.balanced_accuracy)
-    metrics.log_metric("test_images", result.num_images)
+    split_csv = Path(split_manifest_csv.path)
+    result = evaluate_model(Path(model.path), Path(dataset.path), split_csv)
+    for name, value in result.scalar_metrics().items():
+        metrics.log_metric(name, value)
     classification_metrics.log_confusion_matrix(result.class_names, result.confusion)
+    if "micro" in result.roc:
+        curve = result.roc["micro"]
+        classification_metrics.log_roc_curve(curve.fpr, curve.tpr, curve.thresholds)
+    per_class = {
+        "glioma": roc_glioma,
+        "meningioma": roc_meningioma,
+        "notumor": roc_notumor,
+        "pituitary": roc_pituitary,
+    }
+    for name, artifact in per_class.items():
+        if name in result.roc:
+            curve = result.roc[name]
+            artifact.log_roc_curve(curve.fpr, curve.tpr, curve.thresholds)
+    text = render_report(result)
+    if (load_split(split_csv)["split"] == "external_test").any():
+        external = evaluate_model(
+            Path(model.path), Path(dataset.path), split_csv, split_name="external_test"
+        )
+        metrics.log_metric("external_test_accuracy", external.accuracy)
+        metrics.log_metric("external_test_balanced_accuracy", external.balanced_accuracy)
+        text += "\n" + render_report(external, title="External test set")
+    Path(report.path).write_text(text)
     return NamedTuple("EvaluateOutputs", [("accuracy", float)])(result.accuracy)
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
-def gate(accuracy: float, threshold: float) -> bool:
-    """Return True when the model may be promoted; prints the reason."""
-    from components.gate import gate_decision
+def gate(
+    accuracy: float,
+    threshold: float,
+    tolerance: float,
+    model_name: str,
+    models_bucket: str,
+    dataset: Input[Dataset],
+    split_manifest_csv: Input[Dataset],
+    gate_metrics: Output[Metrics],
+) -> bool:
+    """Champion/challenger: True when the model may be promoted; logs the decision and scores."""
+    from pathlib import Path
 
-    decision = gate_decision(accuracy, threshold)
+    from components.gate import gate_model
+
+    decision = gate_model(
+        accuracy,
+        threshold,
+        tolerance,
+        models_bucket,
+        model_name,
+        Path(dataset.path),
+        Path(split_manifest_csv.path),
+    )
+    gate_metrics.log_metric("challenger_accuracy", decision.challenger_accuracy)
+    if decision.champion_accuracy is not None:
+        gate_metrics.log_metric("champion_accuracy", decision.champion_accuracy)
+    gate_metrics.log_metric("threshold", threshold)
+    gate_metrics.log_metric("tolerance", tolerance)
+    gate_metrics.log_metric("promote", float(decision.promote))
     print(f"gate: {'PROMOTE' if decision.promote else 'KEEP PRODUCTION'}: {decision.reason}")
     return decision.promote
 
@@ -194,19 +314,27 @@ def promote(
     namespace: str,
     serving_image: str,
     accuracy: float,
+    canary_traffic_percent: int = -1,
+    ready_timeout_s: float = 600.0,
 ) -> str:
-    """Publish the model version and create/patch the InferenceService; returns its storage URI."""
+    """Publish the model version, roll the InferenceService to it and wait until it is Ready
+    (rolling back on failure); returns the version's storage URI. ``canary_traffic_percent``
+    -1 sends all traffic to the new version."""
+    import json
     from pathlib import Path
 
     from brainmri.inference_service import InferenceServiceSpec, cluster_api_client
+    from brainmri.model import METADATA_FILE
     from components.promote import promote_model
 
+    trained_on = json.loads((Path(model.path) / METADATA_FILE).read_text())["metadata"]
     spec = InferenceServiceSpec(
         name=model_name,
         namespace=namespace,
         storage_uri="",
         image=serving_image,
         model_name=model_name,
+        canary_traffic_percent=canary_traffic_percent if canary_traffic_percent >= 0 else None,
     )
     result = promote_model(
         Path(model.path),
@@ -215,10 +343,18 @@ def promote(
         spec,
         api_client=cluster_api_client(),
         accuracy=accuracy,
+        data_fingerprint=trained_on.get("data", {}).get("dataset_fingerprint"),
+        wait_ready_timeout_s=ready_timeout_s,
     )
     Path(isvc_manifest.path).write_text(result.isvc_yaml)
     isvc_manifest.metadata.update(
-        {"version": result.version, "storage_uri": result.storage_uri, "action": result.isvc_action}
+        {
+            "version": result.version,
+            "storage_uri": result.storage_uri,
+            "action": result.isvc_action,
+            "previous_version": result.previous_version or "",
+            "ready": result.ready_detail,
+        }
     )
     print(
         f"promoted {result.version} -> {result.storage_uri}; InferenceService: {result.isvc_action}"

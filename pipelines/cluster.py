@@ -72,9 +72,11 @@ STEP_POLICIES: dict[str, StepPolicy] = {
     "ingest": StepPolicy(Resources("500m", "2", "1Gi", "4Gi"), uses_object_storage=True),
     "split": StepPolicy(Resources("250m", "1", "512Mi", "2Gi"), cache=True),
     "augment": StepPolicy(Resources("100m", "500m", "512Mi", "1Gi"), cache=True),
-    "train": StepPolicy(Resources("2", "8", "4Gi", "16Gi")),
+    # train saves a checkpoint to MinIO every epoch (and resumes from it when retried)
+    "train": StepPolicy(Resources("2", "8", "4Gi", "16Gi"), uses_object_storage=True),
     "evaluate": StepPolicy(Resources("1", "4", "2Gi", "8Gi")),
-    "gate": StepPolicy(Resources("100m", "500m", "256Mi", "512Mi")),
+    # gate downloads the production model and scores it on the test split
+    "gate": StepPolicy(Resources("1", "4", "2Gi", "8Gi"), uses_object_storage=True),
     "promote": StepPolicy(Resources("250m", "1", "1Gi", "2Gi"), uses_object_storage=True),
 }
 
@@ -108,6 +110,7 @@ class ClusterOptions:
     s3_use_https: bool = False
     s3_region: str | None = "us-east-1"
     cache_ingest: bool = False  # only for immutable source prefixes (see the module doc)
+    in_cluster: bool = True  # False: the kfp.local build (no cluster-only settings)
     steps: Mapping[str, StepPolicy] = field(default_factory=lambda: dict(STEP_POLICIES))
 
     @classmethod
@@ -116,7 +119,14 @@ class ClusterOptions:
         (kfp.local applies a container's env), no retries (kfp.local honours them, and a wrong
         source would fail only after minutes of backoff), no requests/limits (ignored there)."""
         steps = {name: replace(p, resources=Resources()) for name, p in STEP_POLICIES.items()}
-        return cls(s3_secret=None, s3_endpoint=None, s3_region=None, retries=0, steps=steps)
+        return cls(
+            s3_secret=None,
+            s3_endpoint=None,
+            s3_region=None,
+            retries=0,
+            steps=steps,
+            in_cluster=False,
+        )
 
     def with_resources(self, step: str, **changes: str) -> ClusterOptions:
         """A copy whose ``step`` has other requests/limits (``cpu_limit="16"``, ...)."""
@@ -168,7 +178,10 @@ def configure_task(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
             )
         for name, value in options.s3_env().items():
             task.set_env_variable(name, value)
-    if options.gpu and step == GPU_STEP:
+    if step == GPU_STEP and options.in_cluster:
+        # a multi-worker train step starts its PyTorchJob replicas from this same image
+        task.set_env_variable("COMPONENT_IMAGE", options.component_image)
+    if step == GPU_STEP and options.gpu:
         _request_gpu(task, options)
     return task
 

@@ -31,6 +31,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
         skip_if_unchanged: bool = False,
         max_quarantine_fraction: float = 0.05,
         threshold: float = 0.9,
+        tolerance: float = 0.005,
         model_name: str = "brain-mri-classifier",
         models_bucket: str = "models",
         namespace: str = "brain-mri",
@@ -47,6 +48,22 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
         brightness: float = _AUGMENT.brightness,
         contrast: float = _AUGMENT.contrast,
         hflip_probability: float = _AUGMENT.hflip_probability,
+        vflip_probability: float = _AUGMENT.vflip_probability,
+        crop_scale: float = _AUGMENT.crop_scale,
+        gamma: float = _AUGMENT.gamma,
+        bias_field: float = _AUGMENT.bias_field,
+        noise_std: float = _AUGMENT.noise_std,
+        noise_kind: str = _AUGMENT.noise_kind,
+        mri_probability: float = _AUGMENT.mri_probability,
+        pretrained: bool = _TRAIN.pretrained,
+        head_epochs: int = _TRAIN.head_epochs,
+        schedule: str = _TRAIN.schedule,
+        patience: int = _TRAIN.patience,
+        label_smoothing: float = _TRAIN.label_smoothing,
+        weight_decay: float = _TRAIN.weight_decay,
+        workers: int = 1,
+        canary_traffic_percent: int = -1,
+        ready_timeout_s: float = 600.0,
     ) -> None:
         """``source`` is a class-per-folder tree: a local folder or ``s3://bucket/prefix``.
 
@@ -61,7 +78,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
             skip_if_unchanged=skip_if_unchanged,
             max_quarantine_fraction=max_quarantine_fraction,
         )
-        with dsl.If(ingest_task.outputs["proceed"] == True, name="new-data"):  # noqa: E712
+        with dsl.If(ingest_task.outputs["Output"] == True, name="new-data"):  # noqa: E712
             split_task = split(
                 dataset=ingest_task.outputs["dataset"],
                 val_fraction=val_fraction,
@@ -73,6 +90,13 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
                 brightness=brightness,
                 contrast=contrast,
                 hflip_probability=hflip_probability,
+                vflip_probability=vflip_probability,
+                crop_scale=crop_scale,
+                gamma=gamma,
+                bias_field=bias_field,
+                noise_std=noise_std,
+                noise_kind=noise_kind,
+                mri_probability=mri_probability,
             )
             train_task = train(
                 dataset=ingest_task.outputs["dataset"],
@@ -84,14 +108,35 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
                 batch_size=batch_size,
                 learning_rate=learning_rate,
                 seed=seed,
+                pretrained=pretrained,
+                head_epochs=head_epochs,
+                schedule=schedule,
+                patience=patience,
+                label_smoothing=label_smoothing,
+                weight_decay=weight_decay,
+                # one folder per run: a retried train task resumes from its last epoch
+                checkpoint_uri=f"s3://{models_bucket}/checkpoints/{dsl.PIPELINE_JOB_ID_PLACEHOLDER}",
+                workers=workers,
+                namespace=namespace,
+                run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+                models_bucket=models_bucket,
             )
             evaluate_task = evaluate(
                 model=train_task.outputs["model"],
                 dataset=ingest_task.outputs["dataset"],
                 split_manifest_csv=split_task.outputs["split_manifest_csv"],
             )
-            gate_task = gate(accuracy=evaluate_task.outputs["accuracy"], threshold=threshold)
-            with dsl.If(gate_task.output == True, name="accuracy-gate"):  # noqa: E712 - KFP condition
+            gate_task = gate(
+                accuracy=evaluate_task.outputs["accuracy"],
+                threshold=threshold,
+                tolerance=tolerance,
+                model_name=model_name,
+                models_bucket=models_bucket,
+                dataset=ingest_task.outputs["dataset"],
+                split_manifest_csv=split_task.outputs["split_manifest_csv"],
+            )
+            promote_ok = gate_task.outputs["Output"] == True  # noqa: E712 - a KFP condition
+            with dsl.If(promote_ok, name="accuracy-gate"):
                 promote(
                     model=train_task.outputs["model"],
                     model_name=model_name,
@@ -99,6 +144,8 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
                     namespace=namespace,
                     serving_image=serving_image,
                     accuracy=evaluate_task.outputs["accuracy"],
+                    canary_traffic_percent=canary_traffic_percent,
+                    ready_timeout_s=ready_timeout_s,
                 )
         apply_cluster_options(options)  # images, resources, GPU, retries, caching, secrets
 

@@ -7,14 +7,14 @@ import yaml
 from kfp import dsl
 
 from brainmri.demo_data import generate_demo_dataset
+from brainmri.registry import dataset_record_uri, production_record_uri
 from brainmri.storage import ObjectStore, S3Uri
-from components.promote import production_record_uri
 from pipelines.__main__ import DEFAULT_YAML, compile_pipeline, main, run_local
 from pipelines.cluster import ClusterOptions, apply_cluster_options
 from pipelines.pipeline import build_pipeline
 
 STEPS = {"ingest", "split", "augment", "train", "evaluate", "gate", "promote"}
-OBJECT_STORAGE_STEPS = {"ingest", "promote"}
+OBJECT_STORAGE_STEPS = {"ingest", "train", "gate", "promote"}
 
 
 def compile_to_dicts(path: Path, options: ClusterOptions | None = None) -> tuple[dict, dict]:
@@ -54,7 +54,7 @@ def test_compiled_yaml_has_every_step_and_the_gates(compiled: dict) -> None:
         name: task for name, task in all_tasks(compiled).items() if "triggerPolicy" in task
     }
     by_channel = {task["triggerPolicy"]["condition"]: task for task in conditions.values()}
-    new_data = next(t for c, t in by_channel.items() if "ingest-proceed" in c)
+    new_data = next(t for c, t in by_channel.items() if "ingest-Output" in c)
     accuracy = next(t for c, t in by_channel.items() if "gate-Output" in c)
     new_data_dag = compiled["components"][new_data["componentRef"]["name"]]["dag"]["tasks"]
     assert {"split", "train", "evaluate", "gate"} <= set(new_data_dag)
@@ -228,20 +228,47 @@ def run(source: str, tmp_path: Path, **params: object) -> None:
     run_local(arguments, tmp_path / "root")
 
 
+def model_versions(store: ObjectStore, model_name: str) -> set[str]:
+    """The version folders published for ``model_name`` (not its records or checkpoints)."""
+    keys = store.list_keys(S3Uri("e2e-models", model_name))
+    parts = (key.split("/") for key in keys)
+    return {p[1] for p in parts if len(p) == 3 and p[2] == "model.pt"}
+
+
+def trained_runs(store: ObjectStore) -> set[str]:
+    """Runs whose train step started (each checkpoints under ``checkpoints/<run id>/``)."""
+    store.ensure_bucket("e2e-models")
+    return {key.split("/")[1] for key in store.list_keys(S3Uri("e2e-models", "checkpoints"))}
+
+
 def test_pipeline_promotes_a_model_that_passes_the_gate(demo_source: str, tmp_path: Path) -> None:
     run(demo_source, tmp_path, threshold=0.5, model_name="passes")
     store = ObjectStore()
     record = store.get_json(production_record_uri("e2e-models", "passes"))
-    assert record["accuracy"] >= 0.5
+    assert record["accuracy"] >= 0.5 and len(record["data_fingerprint"]) == 64
     uri = S3Uri.parse(record["storage_uri"])
     assert store.exists(uri.child("model.pt")) and store.exists(uri.child("model.json"))
+    assert record["version"].endswith(record["data_fingerprint"][:8])
+    dataset_record = dataset_record_uri("e2e-models", "passes", record["data_fingerprint"])
+    assert store.exists(dataset_record)  # ingest recorded the dataset it saw
+
+    # a scheduled run on the same data stops cleanly after ingest: nothing new is trained
+    trained = trained_runs(store)
+    run(demo_source, tmp_path / "again", threshold=0.5, model_name="passes", skip_if_unchanged=True)
+    assert trained_runs(store) == trained
+    assert store.get_json(production_record_uri("e2e-models", "passes")) == record
+    assert model_versions(store, "passes") == {record["version"]}
 
 
 def test_pipeline_promotes_nothing_below_the_threshold(demo_source: str, tmp_path: Path) -> None:
-    run(demo_source, tmp_path, threshold=1.01, model_name="fails", epochs=1)
     store = ObjectStore()
-    store.ensure_bucket("e2e-models")
-    assert not list(store.list_keys(S3Uri("e2e-models", "fails")))
+    trained = trained_runs(store)
+    run(
+        demo_source, tmp_path, threshold=1.01, model_name="fails", epochs=1, skip_if_unchanged=True
+    )  # no production model yet: the new-data check lets it train
+    assert len(trained_runs(store) - trained) == 1  # it trained...
+    assert not model_versions(store, "fails")  # ...and the gate kept it out
+    assert not store.exists(production_record_uri("e2e-models", "fails"))
 
 
 def test_committed_yaml_is_current(tmp_path: Path) -> None:
