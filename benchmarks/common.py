@@ -1,22 +1,20 @@
-"""Helpers shared by the benchmarks: data locations, a reduced copy of a data set, duplicate
-removal, and the bare torchvision training loop that throughput is compared against."""
+"""Helpers shared by the benchmarks: data locations, results files, a reduced copy of a data set,
+and the bare torchvision training loop that throughput is compared against."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from brainmri.images import PreprocessConfig, decode_image
+from brainmri.images import PreprocessConfig
 from brainmri.model import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -40,29 +38,6 @@ def limited_copy(source: Path, dest: Path, per_class: int) -> Path:
         for file in sorted(f for f in folder.iterdir() if f.is_file())[:per_class]:
             (target / file.name).symlink_to(file.resolve())
     return dest
-
-
-def pixel_hash(path: Path) -> str:
-    """sha256 of the decoded pixels (and size): the same image under any name or format."""
-    image = decode_image(path)
-    return hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
-
-
-def drop_duplicates(manifest: pd.DataFrame, dataset_dir: Path) -> tuple[pd.DataFrame, int]:
-    """The manifest with one row per distinct image, and how many rows were dropped.
-
-    Uses ingest's ``content_hash`` when the manifest has it, else hashes the pixels here.
-    """
-    if "content_hash" not in manifest:
-        hashes = [pixel_hash(dataset_dir / p) for p in manifest["path"]]
-        manifest = manifest.assign(content_hash=hashes)
-    unique = manifest.drop_duplicates("content_hash", keep="first")
-    return unique.reset_index(drop=True), len(manifest) - len(unique)
-
-
-def leaked_images(split: pd.DataFrame) -> int:
-    """Distinct images (by pixel hash) that appear in more than one split."""
-    return int((split.groupby("content_hash")["split"].nunique() > 1).sum())
 
 
 class _TorchvisionStyle(Dataset):

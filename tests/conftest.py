@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from brainmri.dataset import MANIFEST_FILE, read_manifest
 from brainmri.demo_data import generate_demo_dataset
 from brainmri.local_s3 import LocalS3Server
 from brainmri.storage import ObjectStore
+from components.ingest import ingest_dataset
+from components.split import split_manifest
 from tests.kube_emulator import kube_api  # noqa: F401  (fixture shared by promote tests)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-mri" / "Training"
@@ -59,6 +62,17 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("demo")
     generate_demo_dataset(out, per_class=12, size=64, seed=1, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def prepared(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The demo set ingested and split (25 % val, 25 % test): (dataset folder, split CSV)."""
+    out = tmp_path_factory.mktemp("prepared")
+    ingest_dataset(str(demo_dir), out / "dataset", progress=False)
+    split_manifest(read_manifest(out / "dataset" / MANIFEST_FILE), 0.25, 0.25).to_csv(
+        out / "split.csv", index=False
+    )
+    return out / "dataset", out / "split.csv"
 
 
 @pytest.fixture(scope="session")

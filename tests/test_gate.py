@@ -5,12 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from brainmri.dataset import MANIFEST_FILE, read_manifest
 from brainmri.registry import production_record_uri
 from brainmri.storage import ObjectStore, S3Uri
 from components.gate import fetch_champion, gate_decision, gate_model
-from components.ingest import ingest_dataset
-from components.split import split_manifest
 from tests.test_evaluate import constant_bundle
 
 
@@ -42,16 +39,6 @@ def test_gate_refuses_nonsense() -> None:
         gate_decision(0.9, 0.9, champion_accuracy=-0.1)
     with pytest.raises(ValueError, match="tolerance"):
         gate_decision(0.9, 0.9, 0.9, tolerance=-0.01)
-
-
-@pytest.fixture(scope="module")
-def prepared(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("gate")
-    ingest_dataset(str(demo_dir), out / "dataset", progress=False)
-    split_manifest(read_manifest(out / "dataset" / MANIFEST_FILE), 0.25, 0.25).to_csv(
-        out / "split.csv", index=False
-    )
-    return out / "dataset", out / "split.csv"
 
 
 def publish_champion(store: ObjectStore, bucket: str, tmp_path: Path, recorded: float) -> str:

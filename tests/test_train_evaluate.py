@@ -6,28 +6,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from brainmri.dataset import MANIFEST_FILE, read_manifest
 from brainmri.images import PreprocessConfig
 from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri
 from components import train as train_module
 from components.augment import AugmentConfig
 from components.evaluate import evaluate_model, render_report
-from components.ingest import ingest_dataset
-from components.split import split_manifest
 from components.train import TrainConfig, _phase_optimizer, train_model
 
 TINY = {"image_size": 32, "batch_size": 16}
-
-
-@pytest.fixture(scope="module")
-def prepared(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    out = tmp_path_factory.mktemp("prepared")
-    ingest_dataset(str(demo_dir), out / "dataset", progress=False)
-    split_manifest(read_manifest(out / "dataset" / MANIFEST_FILE), 0.25, 0.25).to_csv(
-        out / "split.csv", index=False
-    )
-    return out / "dataset", out / "split.csv"
 
 
 def test_train_then_evaluate(prepared: tuple[Path, Path], tmp_path: Path) -> None:

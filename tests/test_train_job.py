@@ -13,13 +13,11 @@ from typing import Any
 import kmock
 import pytest
 
-from brainmri.dataset import MANIFEST_FILE, read_manifest
+from brainmri.dataset import read_manifest
 from brainmri.local_s3 import free_ports
 from brainmri.model import ModelBundle
 from brainmri.storage import ObjectStore, S3Uri
 from components.augment import AugmentConfig
-from components.ingest import ingest_dataset
-from components.split import split_manifest
 from components.train import TrainConfig
 from components.train_job import (
     GROUP,
@@ -145,16 +143,6 @@ def test_a_job_that_never_finishes_times_out(kube_api: KubeApi) -> None:
         run_pytorch_job(render_pytorch_job(job_spec()), kube_api.api_client(), 1, 0.1)
 
 
-@pytest.fixture()
-def prepared(demo_dir: Path, tmp_path: Path) -> tuple[Path, Path, Path]:
-    ingest_dataset(str(demo_dir), tmp_path / "dataset", progress=False)
-    split_manifest(read_manifest(tmp_path / "dataset" / MANIFEST_FILE), 0.25, 0.25).to_csv(
-        tmp_path / "split.csv", index=False
-    )
-    AugmentConfig().save(tmp_path / "augment.json")
-    return tmp_path / "dataset", tmp_path / "split.csv", tmp_path / "augment.json"
-
-
 def torchrun_replicas(manifest: dict, s3_env: dict[str, str]) -> tuple[str, str]:
     """Run the job's container command as 2 gloo processes on this machine (like 2 pods)."""
     container = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][
@@ -180,7 +168,7 @@ def torchrun_replicas(manifest: dict, s3_env: dict[str, str]) -> tuple[str, str]
 
 
 def test_two_process_gloo_training_through_the_job(
-    prepared: tuple[Path, Path, Path],
+    prepared: tuple[Path, Path],
     kube_api: KubeApi,
     store: ObjectStore,
     bucket: str,
@@ -188,7 +176,9 @@ def test_two_process_gloo_training_through_the_job(
     tmp_path: Path,
 ) -> None:
     register_pytorchjobs(kube_api)
-    dataset, split_csv, augment = prepared
+    dataset, split_csv = prepared
+    augment = tmp_path / "augment.json"
+    AugmentConfig().save(augment)
     thread = act_as_operator(kube_api, "train-ddp", lambda m: torchrun_replicas(m, s3_env))
     config = TrainConfig(epochs=2, image_size=32, batch_size=8, cpu_threads=1)
     manifest = launch_distributed_training(
