@@ -34,13 +34,11 @@ import json
 import os
 import platform
 import re
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,16 +49,15 @@ import torch
 from kserve import InferInput, InferRequest
 from PIL import Image
 
+from benchmarks.common import RESULTS_DIR, SHARED_TRAINING, write_json
 from brainmri import CLASS_NAMES
 from brainmri.demo_data import synthetic_slice
 from brainmri.images import IMAGE_SUFFIXES, PreprocessConfig, decode_image
-from brainmri.local_s3 import free_ports
 from brainmri.model import ModelBundle, build_model
 from serving.limits import cpu_budget
+from serving.process import ServerProcess, serve_in_subprocess
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-SHARED_TRAINING = REPO_ROOT.parent / "shared" / "data" / "brain-mri" / "Training"
-RESULT_PATH = REPO_ROOT / "benchmarks" / "results" / "serve.json"
+RESULT_PATH = RESULTS_DIR / "serve.json"
 MODEL_NAME = "bench"
 THROUGHPUT_GOAL = 0.8  # server images/s over raw forward images/s, best batch size each
 TAIL_GOAL = 2.0  # p99 over p50 at concurrency 8
@@ -223,43 +220,12 @@ def decode_and_forward(
 
 
 # -- the server --------------------------------------------------------------------------------
-@contextmanager
 def model_server(
     model_dir: Path, extra_args: list[str], log_path: Path
-) -> Iterator[tuple[int, int]]:
-    """``python -m serving`` on 127.0.0.1 (gRPC off); yields (HTTP port, pid) once ready."""
-    (port,) = free_ports(1)
-    command = [
-        sys.executable,
-        "-m",
-        "serving",
-        "--model-name",
-        MODEL_NAME,
-        "--model-dir",
-        str(model_dir),
-        "--http_port",
-        str(port),
-        "--enable_grpc",
-        "false",
-        *extra_args,
-    ]
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 120
-        while not _ready(port):
-            if process.poll() is not None or time.monotonic() > deadline:
-                tail = log_path.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"model server did not become ready:\n{tail}")
-            time.sleep(0.2)
-        yield port, process.pid
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
+) -> AbstractContextManager[ServerProcess]:
+    """``python -m serving`` on 127.0.0.1 with gRPC off, once ready."""
+    args = ["--model-name", MODEL_NAME, "--model-dir", str(model_dir), "--enable_grpc", "false"]
+    return serve_in_subprocess([*args, *extra_args], log_path)
 
 
 def server_threads(log_path: Path) -> str:
@@ -272,17 +238,6 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _ready(port: int) -> bool:
-    try:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        connection.request("GET", "/v2/health/ready")
-        ok = connection.getresponse().status == 200
-        connection.close()
-        return ok
-    except OSError:
-        return False
 
 
 def drive(
@@ -492,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         settings: list[Setting] = []
         server_log = Path(tmp) / "server.log"
-        with model_server(model_dir, server_args, server_log) as (port, pid):
+        with model_server(model_dir, server_args, server_log) as server:
+            port, pid = server.port, server.process.pid
             runs = [(image_load(images, b), c) for b in args.batch_sizes for c in args.concurrency]
             # for reference only, and kept short: KServe 0.21 turns a binary REST tensor into a
             # Python list before the model sees it, which makes this path slow
@@ -549,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         "goals": goals(raw, settings),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result, args.output)
     print_summary(result)
     print(f"\nwrote {args.output}")
     return 0

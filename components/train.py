@@ -76,7 +76,7 @@ class TrainConfig:
     head_epochs: int = 1  # phase 1 (pretrained backbones only): the new head alone; capped at
     # epochs - 1
     schedule: str = "onecycle"  # per phase: "onecycle" (warm-up + cosine) or "cosine"
-    patience: int = 3  # epochs without a better val score before stopping (never in the first
+    patience: int = 5  # epochs without a better val score before stopping (never in the first
     # half of the whole-network phase, while the one-cycle rate is still high); 0 = never stop
     num_workers: int = -1  # DataLoader workers; -1 = auto (CPU 0, CUDA min(8, CPUs))
     cpu_threads: int = 0  # torch threads on a CPU; 0 = every CPU this process may use

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import secrets
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,10 +19,11 @@ from pathlib import Path
 import requests
 
 from brainmri.demo_data import generate_demo_dataset
-from brainmri.local_s3 import LocalS3Server, free_ports
+from brainmri.local_s3 import LocalS3Server
+from brainmri.registry import read_production_record
 from brainmri.storage import ObjectStore, S3Uri, is_s3_uri
-from components.promote import production_record_uri
 from pipelines.__main__ import run_local
+from serving.process import serve_in_subprocess
 
 RUN_DIR = Path(".run")
 DEMO_URI = S3Uri("demo-data", "brain-mri")
@@ -67,42 +67,6 @@ def prepare_source(data: str | None, store: ObjectStore) -> tuple[str, Path | No
     return str(DEMO_URI), demo
 
 
-@contextlib.contextmanager
-def model_server(model_name: str, storage_uri: str) -> Iterator[str]:
-    """Run ``python -m serving`` on a free port; yields its base URL once the model is ready."""
-    port = free_ports(1)[0]
-    command = [
-        sys.executable,
-        "-m",
-        "serving",
-        "--model_name",
-        model_name,
-        "--storage_uri",
-        storage_uri,
-        "--http_port",
-        str(port),
-    ]
-    say(f"starting the KServe model server: {' '.join(command[1:])}")
-    log = open(RUN_DIR / "serving.log", "w")  # noqa: SIM115 - closed below
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"model server exited; see {RUN_DIR / 'serving.log'}")
-            with contextlib.suppress(requests.RequestException):
-                if requests.get(f"{url}/v1/models/{model_name}", timeout=2).ok:
-                    yield url
-                    return
-            time.sleep(0.5)
-        raise TimeoutError(f"model server not ready in 120 s; see {RUN_DIR / 'serving.log'}")
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        log.close()
-
-
 def query_image(local: Path | None, store: ObjectStore, source: str) -> tuple[str, bytes]:
     """One image to ask about, with its folder (true class) name."""
     if local is not None:
@@ -132,12 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     with object_storage():
         store = ObjectStore()
         source, local = prepare_source(args.data, store)
-        record_uri = production_record_uri(args.models_bucket, args.model_name)
-        before = (
-            store.get_json(record_uri)
-            if store.bucket_exists(args.models_bucket) and store.exists(record_uri)
-            else None
-        )
+        before = read_production_record(store, args.models_bucket, args.model_name)
         say(f"running the pipeline with kfp.local on {source}")
         overrides = {
             k: v
@@ -158,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             RUN_DIR / "pipeline-root",
         )
-        record = store.get_json(record_uri) if store.exists(record_uri) else None
+        record = read_production_record(store, args.models_bucket, args.model_name)
         if record is None or record == before:
             say(
                 f"the gate kept production as it was (threshold {args.threshold}); see the "
@@ -170,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             f"to {record['storage_uri']}"
         )
         truth, image = query_image(local, store, source)
-        with model_server(args.model_name, record["storage_uri"]) as url:
+        serving_args = ["--model-name", args.model_name, "--storage-uri", record["storage_uri"]]
+        say(f"starting the KServe model server: python -m serving {' '.join(serving_args)}")
+        with serve_in_subprocess(serving_args, RUN_DIR / "serving.log") as server:
+            url = server.url
             body = {"instances": [{"image_bytes": {"b64": base64.b64encode(image).decode()}}]}
             say(f"POST {url}/v1/models/{args.model_name}:predict (an image of class '{truth}')")
             answer = requests.post(

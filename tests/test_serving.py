@@ -15,8 +15,6 @@ import re
 import secrets
 import struct
 import subprocess
-import sys
-import time
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,8 +46,8 @@ from serving import limits, predictor
 from serving.__main__ import build_parser, forward_threads, main
 from serving.limits import PayloadLimitMiddleware
 from serving.predictor import BrainMRIModel
+from serving.process import ServerNotReady, serve_in_subprocess
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 MODEL_NAME = "brain-mri"
 STARTUP_TIMEOUT_S = 90.0
 MAX_PAYLOAD_BYTES = 1_000_000  # the real server's limit in these tests
@@ -597,30 +595,6 @@ class Server:
         return requests.post(url, json=body, data=data, timeout=30, **kw)
 
 
-def _wait_until_ready(process: subprocess.Popen, url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"server exited with {process.returncode}:\n{log_path.read_text()[-4000:]}")
-        try:
-            if requests.get(f"{url}/v1/models/{MODEL_NAME}", timeout=2).status_code == 200:
-                return
-        except requests.RequestException:  # not listening yet
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready after {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()[-4000:]}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=5)
-
-
 @pytest.fixture(scope="module")
 def server(
     s3_env: dict[str, str], bundle_dir: Path, tmp_path_factory: pytest.TempPathFactory
@@ -633,38 +607,31 @@ def server(
     store = ObjectStore()
     bucket = f"t{secrets.token_hex(6)}"
     store.upload_dir(bundle_dir, S3Uri(bucket, "m/v1"), progress=False)
-    http_port, grpc_port = free_ports(2)
-    log_path = tmp_path_factory.mktemp("server") / "server.log"
-    command = [
-        sys.executable,
-        "-m",
-        "serving",
+    (grpc_port,) = free_ports(1)
+    args = [
         "--model-name",  # the dashed spellings of the issue and README
         MODEL_NAME,
         "--storage-uri",
         f"s3://{bucket}/m/v1",
-        "--http_port",
-        str(http_port),
         "--grpc_port",
         str(grpc_port),
         "--max_payload_bytes",
         str(MAX_PAYLOAD_BYTES),
     ]
-    url = f"http://127.0.0.1:{http_port}"
-    with log_path.open("wb") as log:
-        started = time.monotonic()
-        process = subprocess.Popen(
-            command,
-            cwd=REPO_ROOT,
-            env={**os.environ, **s3_env},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+    log_path = tmp_path_factory.mktemp("server") / "server.log"
     try:
-        _wait_until_ready(process, url, log_path)
-        yield Server(url, f"127.0.0.1:{grpc_port}", process, log_path, time.monotonic() - started)
-    finally:
-        _stop(process)
+        with serve_in_subprocess(
+            args, log_path, env={**os.environ, **s3_env}, timeout_s=STARTUP_TIMEOUT_S
+        ) as running:
+            yield Server(
+                running.url,
+                f"127.0.0.1:{grpc_port}",
+                running.process,
+                log_path,
+                running.startup_s,
+            )
+    except ServerNotReady as err:
+        pytest.fail(str(err))
 
 
 def test_server_starts_from_s3_and_reports_ready(server: Server) -> None:
