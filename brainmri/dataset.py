@@ -13,14 +13,14 @@ from tqdm import tqdm
 from brainmri.images import PreprocessConfig, decode_image
 
 MANIFEST_FILE = "manifest.csv"
-MANIFEST_COLUMNS = ("path", "label", "width", "height")
+REQUIRED_COLUMNS = ("path", "label", "width", "height")  # every step relies on these
 SPLITS = ("train", "val", "test")
 
 
 def read_manifest(path: Path) -> pd.DataFrame:
     """Load a manifest CSV and check it has the columns every step relies on."""
     frame = pd.read_csv(path)
-    missing = [c for c in MANIFEST_COLUMNS if c not in frame.columns]
+    missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: manifest lacks column(s) {missing}; re-run the ingest step")
     return frame
