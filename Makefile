@@ -78,7 +78,7 @@ bench-ingest: $(STAMP) ## ingest the real data set (../shared/data/brain-mri/Tra
 bench-serve: $(STAMP) ## serving benchmark: model server under load vs raw forward (writes benchmarks/results/serve.json)
 	$(BIN)/python -m benchmarks.bench_serve
 
-bench-accuracy: $(STAMP) ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 CPU cores (BENCH_ARGS="--smoke" for a quick check)
+bench-accuracy: $(STAMP) ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 idle CPU cores (BENCH_ARGS="--smoke" for a quick check)
 	$(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ARGS)
 
 clean: ## remove run outputs (keeps .venv)

@@ -1,6 +1,6 @@
 """Accuracy benchmark: the real data, a duplicate-free held-out test split, the default CPU recipe.
 
-    python -m benchmarks.bench_accuracy            # full run (~40 min on 2 CPU cores)
+    python -m benchmarks.bench_accuracy            # full run (~38 min on 2 idle CPU cores)
     python -m benchmarks.bench_accuracy --smoke    # a minute-long check that everything runs
 
 Ingests ``../shared/data/brain-mri/Training`` with the project's ingest (pixel-identical copies
@@ -40,12 +40,11 @@ from brainmri.model import get_backbone, pick_device
 from components.augment import AugmentConfig
 from components.evaluate import evaluate_model
 from components.ingest import ingest_dataset
-from components.split import leaked_groups, split_manifest
-from components.train import TrainConfig, resolve_workers, train_model
+from components.split import TEST_FRACTION, VAL_FRACTION, leaked_groups, split_manifest
+from components.train import REAL_DATA_RECIPE, TrainConfig, resolve_workers, train_model
 
 GOALS = {"accuracy": 0.987, "training_minutes": 60.0, "throughput_ratio": 0.9}
-# the recommended real-data recipe for a CPU (the pipeline's defaults stay small for the demo)
-RECIPE = TrainConfig(backbone="efficientnet_lite0", image_size=160, epochs=15, head_epochs=1)
+RECIPE = REAL_DATA_RECIPE  # the pipeline's default training recipe
 SMOKE = {"limit_per_class": 20, "epochs": 2, "image_size": 64, "bare_steps": 3}
 
 
@@ -64,8 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=RECIPE.batch_size)
     parser.add_argument("--learning-rate", type=float, default=0.0, help="0: backbone default")
     parser.add_argument("--patience", type=int, default=RECIPE.patience)
-    parser.add_argument("--val-fraction", type=float, default=0.15)
-    parser.add_argument("--test-fraction", type=float, default=0.15)
+    parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
+    parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit-per-class", type=int, default=0, help="0: every image")
@@ -179,6 +178,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "duplicates_removed_by_ingest": len(report.duplicates),
             "label_conflicts": len(report.label_conflicts),
             "fingerprint": report.fingerprint,
+            "split_fractions": {"val": args.val_fraction, "test": args.test_fraction},
+            "split_seed": args.seed,
             "split_sizes": {k: int(v) for k, v in split["split"].value_counts().items()},
             "images_in_two_splits": leaked,
         },

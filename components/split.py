@@ -20,12 +20,19 @@ class LeakageError(ValueError):
     """The same image content appears on both sides of a split boundary."""
 
 
+# 75 % of the images train; 10 % of ~5,500 still resolves validation accuracy to 0.2 %
+VAL_FRACTION, TEST_FRACTION = 0.10, 0.15
+
+
 def _group_key(manifest: pd.DataFrame) -> pd.Series:
     return manifest["content_hash"] if "content_hash" in manifest else manifest["path"]
 
 
 def split_manifest(
-    manifest: pd.DataFrame, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+    manifest: pd.DataFrame,
+    val_fraction: float = VAL_FRACTION,
+    test_fraction: float = TEST_FRACTION,
+    seed: int = 0,
 ) -> pd.DataFrame:
     """The manifest with a ``split`` column, stratified by label and grouped by content."""
     if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):

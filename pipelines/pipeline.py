@@ -11,10 +11,11 @@ from kfp.dsl.graph_component import GraphComponent
 
 from components.augment import AugmentConfig
 from components.kfp_components import augment, evaluate, gate, ingest, promote, split, train
-from components.train import TrainConfig
+from components.split import TEST_FRACTION, VAL_FRACTION
+from components.train import REAL_DATA_RECIPE
 from pipelines.cluster import ClusterOptions, apply_cluster_options
 
-_TRAIN = TrainConfig()
+_TRAIN = REAL_DATA_RECIPE  # what runs submitted from the KFP UI train; make run passes the demo's
 _AUGMENT = AugmentConfig()
 PIPELINE_NAME = "brain-mri-classifier"
 PIPELINE_DESCRIPTION = "Train, evaluate, gate and serve a 4-class brain-MRI tumour classifier."
@@ -41,8 +42,8 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
         epochs: int = _TRAIN.epochs,
         batch_size: int = _TRAIN.batch_size,
         learning_rate: float = _TRAIN.learning_rate,
-        val_fraction: float = 0.15,
-        test_fraction: float = 0.15,
+        val_fraction: float = VAL_FRACTION,
+        test_fraction: float = TEST_FRACTION,
         seed: int = _TRAIN.seed,
         rotation_degrees: float = _AUGMENT.rotation_degrees,
         brightness: float = _AUGMENT.brightness,

@@ -15,6 +15,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import requests
 
@@ -27,6 +28,8 @@ from serving.process import serve_in_subprocess
 
 RUN_DIR = Path(".run")
 DEMO_URI = S3Uri("demo-data", "brain-mri")
+# the generated demo set trains a small CNN in seconds; --data runs the pipeline's real-data recipe
+DEMO_TRAINING = {"backbone": "tiny_cnn", "image_size": 64, "epochs": 15}
 
 
 def say(message: str) -> None:
@@ -76,13 +79,14 @@ def query_image(local: Path | None, store: ObjectStore, source: str) -> tuple[st
     return key.split("/")[-2], store.get_bytes(S3Uri(S3Uri.parse(source).bucket, key))
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--data",
         default=os.environ.get("DATA") or None,
-        help="a class-per-folder tree: local folder or s3://bucket/prefix "
-        "(default: the generated demo set)",
+        help="a class-per-folder tree: local folder or s3://bucket/prefix, trained with the "
+        "pipeline's real-data recipe (EfficientNet-Lite0, 192 px, 14 epochs: ~40 min on 2 CPU "
+        "cores) (default: the generated demo set, a small CNN trained in seconds)",
     )
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--epochs", type=int, default=None)
@@ -90,7 +94,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--model-name", default="brain-mri-classifier")
     parser.add_argument("--models-bucket", default="models")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def training_parameters(args: argparse.Namespace) -> dict[str, Any]:
+    """Train parameters for the pipeline: the demo's small CNN unless ``--data`` names real
+    scans (then the pipeline's defaults, the real-data recipe); flags override either."""
+    chosen = {"epochs": args.epochs, "backbone": args.backbone, "image_size": args.image_size}
+    base = {} if args.data else dict(DEMO_TRAINING)
+    return base | {k: v for k, v in chosen.items() if v is not None}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     RUN_DIR.mkdir(exist_ok=True)
     started = time.monotonic()
     with object_storage():
@@ -98,22 +114,13 @@ def main(argv: list[str] | None = None) -> int:
         source, local = prepare_source(args.data, store)
         before = read_production_record(store, args.models_bucket, args.model_name)
         say(f"running the pipeline with kfp.local on {source}")
-        overrides = {
-            k: v
-            for k, v in {
-                "epochs": args.epochs,
-                "backbone": args.backbone,
-                "image_size": args.image_size,
-            }.items()
-            if v is not None
-        }
         run_local(
             {
                 "source": source,
                 "threshold": args.threshold,
                 "model_name": args.model_name,
                 "models_bucket": args.models_bucket,
-                **overrides,
+                **training_parameters(args),
             },
             RUN_DIR / "pipeline-root",
         )

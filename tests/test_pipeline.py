@@ -220,6 +220,7 @@ def run(source: str, tmp_path: Path, **params: object) -> None:
     arguments = {
         "source": source,
         "models_bucket": "e2e-models",
+        "backbone": "tiny_cnn",
         "image_size": 64,
         "epochs": 12,
         "batch_size": 16,
