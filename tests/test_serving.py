@@ -14,7 +14,6 @@ import random
 import re
 import secrets
 import struct
-import subprocess
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -46,7 +45,7 @@ from serving import limits, predictor
 from serving.__main__ import build_parser, forward_threads, main
 from serving.limits import PayloadLimitMiddleware
 from serving.predictor import BrainMRIModel
-from serving.process import ServerNotReady, serve_in_subprocess
+from serving.process import ServerNotReady, ServerProcess, serve_in_subprocess
 
 MODEL_NAME = "brain-mri"
 STARTUP_TIMEOUT_S = 90.0
@@ -574,16 +573,11 @@ def test_cpu_budget_honours_a_cgroup_quota(tmp_path: Path, monkeypatch: pytest.M
 
 
 # -- the real server, over HTTP and gRPC -------------------------------------------------------
-@dataclass
-class Server:
-    url: str
-    grpc_address: str
-    process: subprocess.Popen
-    log_path: Path
-    startup_s: float
+@dataclass(frozen=True)
+class Server(ServerProcess):
+    """The running server plus its gRPC address and the checks the tests share."""
 
-    def log_tail(self, chars: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+    grpc_address: str = ""
 
     def assert_alive(self) -> None:
         assert self.process.poll() is None, f"server exited:\n{self.log_tail()}"
@@ -625,10 +619,11 @@ def server(
         ) as running:
             yield Server(
                 running.url,
-                f"127.0.0.1:{grpc_port}",
+                running.port,
                 running.process,
-                log_path,
+                running.log_path,
                 running.startup_s,
+                grpc_address=f"127.0.0.1:{grpc_port}",
             )
     except ServerNotReady as err:
         pytest.fail(str(err))
