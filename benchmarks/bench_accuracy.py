@@ -44,7 +44,6 @@ from components.split import TEST_FRACTION, VAL_FRACTION, leaked_groups, split_m
 from components.train import REAL_DATA_RECIPE, TrainConfig, resolve_workers, train_model
 
 GOALS = {"accuracy": 0.987, "training_minutes": 60.0, "throughput_ratio": 0.9}
-RECIPE = REAL_DATA_RECIPE  # the pipeline's default training recipe
 SMOKE = {"limit_per_class": 20, "epochs": 2, "image_size": 64, "bare_steps": 3}
 
 
@@ -56,16 +55,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data", type=Path, default=SHARED_TRAINING, help="<class>/<image> tree")
     parser.add_argument("--out", type=Path, help="result JSON (default: results/accuracy.json)")
-    parser.add_argument("--backbone", default=RECIPE.backbone)
-    parser.add_argument("--image-size", type=int, default=RECIPE.image_size)
-    parser.add_argument("--epochs", type=int, default=RECIPE.epochs)
-    parser.add_argument("--head-epochs", type=int, default=RECIPE.head_epochs)
-    parser.add_argument("--batch-size", type=int, default=RECIPE.batch_size)
-    parser.add_argument("--learning-rate", type=float, default=0.0, help="0: backbone default")
-    parser.add_argument("--patience", type=int, default=RECIPE.patience)
+    parser.add_argument("--backbone", default=REAL_DATA_RECIPE.backbone)
+    parser.add_argument("--image-size", type=int, default=REAL_DATA_RECIPE.image_size)
+    parser.add_argument("--epochs", type=int, default=REAL_DATA_RECIPE.epochs)
+    parser.add_argument("--head-epochs", type=int, default=REAL_DATA_RECIPE.head_epochs)
+    parser.add_argument("--batch-size", type=int, default=REAL_DATA_RECIPE.batch_size)
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=REAL_DATA_RECIPE.learning_rate,
+        help="0: backbone default",
+    )
+    parser.add_argument("--patience", type=int, default=REAL_DATA_RECIPE.patience)
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=REAL_DATA_RECIPE.seed)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--limit-per-class", type=int, default=0, help="0: every image")
     parser.add_argument("--bare-steps", type=int, default=30, help="timed steps of the bare loop")

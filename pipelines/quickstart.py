@@ -23,13 +23,15 @@ from brainmri.demo_data import generate_demo_dataset
 from brainmri.local_s3 import LocalS3Server
 from brainmri.registry import read_production_record
 from brainmri.storage import ObjectStore, S3Uri, is_s3_uri
+from components.train import TrainConfig
 from pipelines.__main__ import run_local
 from serving.process import serve_in_subprocess
 
 RUN_DIR = Path(".run")
 DEMO_URI = S3Uri("demo-data", "brain-mri")
-# the generated demo set trains a small CNN in seconds; --data runs the pipeline's real-data recipe
-DEMO_TRAINING = {"backbone": "tiny_cnn", "image_size": 64, "epochs": 15}
+# the generated demo set trains TrainConfig's defaults, a small CNN, in seconds; --data runs the
+# pipeline's real-data recipe
+DEMO_TRAINING = {k: getattr(TrainConfig(), k) for k in ("backbone", "image_size", "epochs")}
 
 
 def say(message: str) -> None:
