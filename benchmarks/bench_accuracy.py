@@ -15,12 +15,11 @@ Goals (issue #5): accuracy >= 98.7 %, training <= 60 min on 2 CPU cores, ratio >
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -35,19 +34,31 @@ from benchmarks.common import (
     write_json,
 )
 from brainmri import CLASS_NAMES
+from brainmri.backbones import get_backbone
 from brainmri.dataset import MANIFEST_FILE, load_image_set, read_manifest
-from brainmri.model import get_backbone, pick_device
-from components.augment import AugmentConfig
+from brainmri.model import pick_device
+from components.config import (
+    TEST_FRACTION,
+    VAL_FRACTION,
+    AugmentConfig,
+    TrainConfig,
+    add_flags,
+    pop_flags,
+    to_dict,
+)
 from components.evaluate import evaluate_model
 from components.ingest import ingest_dataset
-from components.split import TEST_FRACTION, VAL_FRACTION, leaked_groups, split_manifest
-from components.train import REAL_DATA_RECIPE, TrainConfig, resolve_workers, train_model
+from components.split import leaked_groups, split_manifest
+from components.train import TrainRun, resolve_workers, train_model
 
 GOALS = {"accuracy": 0.987, "training_minutes": 60.0, "throughput_ratio": 0.9}
-SMOKE = {"limit_per_class": 20, "epochs": 2, "image_size": 64, "bare_steps": 3}
+SMOKE = {"limit_per_class": 20, "bare_steps": 3}
+SMOKE_TRAINING = {"epochs": 2, "image_size": 64}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The benchmark's own flags, and every TrainConfig / AugmentConfig knob as a flag (defaults:
+    the pipeline's recipe), folded into ``args.train`` and ``args.augment``."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_accuracy",
         description=__doc__,
@@ -55,38 +66,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--data", type=Path, default=SHARED_TRAINING, help="<class>/<image> tree")
     parser.add_argument("--out", type=Path, help="result JSON (default: results/accuracy.json)")
-    parser.add_argument("--backbone", default=REAL_DATA_RECIPE.backbone)
-    parser.add_argument("--image-size", type=int, default=REAL_DATA_RECIPE.image_size)
-    parser.add_argument("--epochs", type=int, default=REAL_DATA_RECIPE.epochs)
-    parser.add_argument("--head-epochs", type=int, default=REAL_DATA_RECIPE.head_epochs)
-    parser.add_argument("--batch-size", type=int, default=REAL_DATA_RECIPE.batch_size)
-    parser.add_argument(
-        "--learning-rate",
-        type=float,
-        default=REAL_DATA_RECIPE.learning_rate,
-        help="0: backbone default",
-    )
-    parser.add_argument("--patience", type=int, default=REAL_DATA_RECIPE.patience)
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
-    parser.add_argument("--seed", type=int, default=REAL_DATA_RECIPE.seed)
-    parser.add_argument("--device", default="auto")
+    parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--limit-per-class", type=int, default=0, help="0: every image")
     parser.add_argument("--bare-steps", type=int, default=30, help="timed steps of the bare loop")
     parser.add_argument("--workdir", type=Path, help="keep the dataset and model here")
     parser.add_argument("--checkpoint-dir", help="resume an interrupted run from here")
     parser.add_argument(
-        "--augment", default="{}", help="AugmentConfig overrides as JSON, e.g. '{\"gamma\": 0}'"
-    )
-    parser.add_argument(
         "--smoke",
         action="store_true",
-        help=f"tiny run to check the benchmark works: {SMOKE}; writes accuracy_smoke.json",
+        help=f"tiny run to check the benchmark works: {SMOKE | SMOKE_TRAINING}; writes "
+        "accuracy_smoke.json",
     )
+    add_flags(parser, TrainConfig(), "training (TrainConfig)")
+    add_flags(parser, AugmentConfig(), "augmentation (AugmentConfig)")
     args = parser.parse_args(argv)
+    values = vars(args)
+    args.train, args.augment = pop_flags(values, TrainConfig()), pop_flags(values, AugmentConfig())
     if args.smoke:
         for key, value in SMOKE.items():
             setattr(args, key, value)
+        args.train = replace(args.train, **SMOKE_TRAINING)
     args.out = args.out or RESULTS_DIR / ("accuracy_smoke.json" if args.smoke else "accuracy.json")
     return args
 
@@ -101,43 +102,28 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     dataset = work / "dataset"
     manifest = read_manifest(dataset / MANIFEST_FILE)
     # ingest collapsed pixel-identical copies; split groups by content and checks for leakage
-    split = split_manifest(manifest, args.val_fraction, args.test_fraction, args.seed)
+    split = split_manifest(manifest, args.val_fraction, args.test_fraction, args.split_seed)
     leaked = leaked_groups(split)
     split.to_csv(work / "split.csv", index=False)
 
-    config = TrainConfig(
-        backbone=args.backbone,
-        image_size=args.image_size,
-        epochs=args.epochs,
-        head_epochs=args.head_epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        patience=args.patience,
-        seed=args.seed,
-        device=args.device,
+    config, augment = args.train, args.augment
+    run = TrainRun(
+        dataset, work / "split.csv", work / "model", config, augment, args.checkpoint_dir
     )
-    augment = AugmentConfig(**json.loads(args.augment))
-    result = train_model(
-        dataset,
-        work / "split.csv",
-        work / "model",
-        config,
-        augment,
-        checkpoint_uri=args.checkpoint_dir,
-    )
+    result = train_model(run)
     evaluation = evaluate_model(work / "model", dataset, work / "split.csv")
 
-    device = pick_device(args.device)
-    preprocess = get_backbone(args.backbone).preprocess(args.image_size)
-    sample = split[split["split"] == "train"].head(args.batch_size * (args.bare_steps + 2))
+    device = pick_device(config.device)
+    preprocess = get_backbone(config.backbone).preprocess(config.image_size)
+    sample = split[split["split"] == "train"].head(config.batch_size * (args.bare_steps + 2))
     cached = load_image_set(dataset, sample, list(CLASS_NAMES), preprocess, desc="decode bare")
     bare, bare_cl = (
         bare_loop_throughput(
-            args.backbone,
+            config.backbone,
             cached.images,
             cached.labels,
             preprocess,
-            args.batch_size,
+            config.batch_size,
             args.bare_steps,
             device,
             num_workers=resolve_workers(config, device),
@@ -146,7 +132,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         )
         for channels_last in (False, True)
     )
-    ratio = result.images_per_s / bare["images_per_s"]
+    ratio = result.train_images_per_s / bare["images_per_s"]
     minutes = result.training_seconds / 60
     outcome = {
         "accuracy": evaluation.accuracy,
@@ -157,11 +143,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "confusion_matrix": evaluation.confusion,
         "test_images": evaluation.num_images,
         "training_minutes": minutes,
-        "images_per_s": result.images_per_s,
+        "images_per_s": result.train_images_per_s,
         "bare_torchvision_loop": bare,
         "throughput_ratio": ratio,
         "bare_torchvision_loop_channels_last": bare_cl,
-        "throughput_ratio_same_memory_format": result.images_per_s / bare_cl["images_per_s"],
+        "throughput_ratio_same_memory_format": result.train_images_per_s / bare_cl["images_per_s"],
     }
     return {
         "benchmark": "accuracy",
@@ -183,14 +169,14 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "label_conflicts": len(report.label_conflicts),
             "fingerprint": report.fingerprint,
             "split_fractions": {"val": args.val_fraction, "test": args.test_fraction},
-            "split_seed": args.seed,
+            "split_seed": args.split_seed,
             "split_sizes": {k: int(v) for k, v in split["split"].value_counts().items()},
             "images_in_two_splits": leaked,
         },
         "training": {
-            "config": asdict(config),
+            "config": to_dict(config),
             "peak_learning_rate": config.peak_learning_rate,
-            "augment": augment.to_dict(),
+            "augment": to_dict(augment),
             "best_epoch": result.best_epoch,
             "best_val_accuracy": result.best_val_accuracy,
             "stopped_early": result.stopped_early,

@@ -54,7 +54,7 @@ from brainmri import CLASS_NAMES
 from brainmri.demo_data import synthetic_slice
 from brainmri.images import IMAGE_SUFFIXES, PreprocessConfig, decode_image
 from brainmri.model import ModelBundle, build_model
-from serving.limits import cpu_budget
+from brainmri.cpu import cpu_budget
 from serving.process import ServerProcess, serve_in_subprocess
 
 RESULT_PATH = RESULTS_DIR / "serve.json"

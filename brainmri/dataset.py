@@ -14,7 +14,6 @@ from brainmri.images import PreprocessConfig, decode_image
 
 MANIFEST_FILE = "manifest.csv"
 REQUIRED_COLUMNS = ("path", "label", "width", "height")  # every step relies on these
-SPLITS = ("train", "val", "test")
 
 
 def read_manifest(path: Path) -> pd.DataFrame:

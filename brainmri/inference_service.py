@@ -1,4 +1,5 @@
-"""The KServe InferenceService (``serving.kserve.io/v1beta1``) that serves the classifier.
+"""The KServe InferenceService (``serving.kserve.io/v1beta1``) that serves the classifier:
+rendering it, and rolling it out.
 
 The predictor is a custom container. KServe's documented way to have a custom container's
 model downloaded is the ``STORAGE_URI`` environment variable on the ``kserve-container``:
@@ -8,32 +9,37 @@ model from there (``--model_dir``).
 
 :func:`roll_out_inference_service` applies a new spec and waits until KServe reports it Ready;
 when it does not within the timeout, or reports a failure, the previous spec is restored so the
-cluster keeps serving the model it served before.
+cluster keeps serving the model it served before. The API calls themselves are
+:mod:`brainmri.kube`'s.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import urllib3
 import yaml
-from kubernetes import client, config
-from kubernetes.client.rest import ApiException
-from kubernetes.config.config_exception import ConfigException
+from kubernetes import client
 
-GROUP = "serving.kserve.io"
-VERSION = "v1beta1"
-PLURAL = "inferenceservices"
-KIND = "InferenceService"
+from brainmri.kube import (
+    DEFAULT_REQUEST_TIMEOUT_S,
+    PENDING,
+    TIMEOUT,
+    AlreadyExists,
+    CustomResource,
+    KubeApiError,
+    Progress,
+    poll,
+)
+
+INFERENCE_SERVICES = CustomResource(
+    "serving.kserve.io", "v1beta1", "inferenceservices", "InferenceService", "KServe"
+)
 CONTAINER_NAME = "kserve-container"  # the name KServe looks for in custom predictors
 STORAGE_URI_ENV = "STORAGE_URI"  # triggers the storage initializer for custom containers
 MODEL_MOUNT_PATH = "/mnt/models"  # where the storage initializer puts the model
-DEFAULT_TIMEOUT_S: tuple[float, float] = (5.0, 30.0)  # (connect, read) per API request
 DEFAULT_READY_TIMEOUT_S = 600.0  # how long a rollout may take to report Ready
 DEFAULT_POLL_INTERVAL_S = 5.0
 READY = "Ready"
@@ -55,11 +61,7 @@ IN_PROGRESS_REASONS = frozenset(
 FAILED_TRANSITIONS = frozenset({"BlockedByFailedLoad", "InvalidSpec"})
 
 
-class InferenceServiceError(RuntimeError):
-    """The Kubernetes API refused the request or could not be reached; the message says why."""
-
-
-class RolloutError(InferenceServiceError):
+class RolloutError(RuntimeError):
     """The new spec did not become Ready; the message says why and what was restored."""
 
 
@@ -132,8 +134,8 @@ def render_inference_service(spec: InferenceServiceSpec) -> dict[str, Any]:
     if spec.canary_traffic_percent is not None:
         predictor["canaryTrafficPercent"] = spec.canary_traffic_percent
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
+        "apiVersion": INFERENCE_SERVICES.api_version,
+        "kind": INFERENCE_SERVICES.kind,
         "metadata": {
             "name": spec.name,
             "namespace": spec.namespace,
@@ -155,96 +157,32 @@ def to_yaml(manifest: dict[str, Any]) -> str:
     return yaml.safe_dump(manifest, sort_keys=False)
 
 
-def _api_error(exc: Exception, api_client: client.ApiClient, action: str) -> InferenceServiceError:
-    """Translate a client-side failure into an error that says what to check."""
-    host = api_client.configuration.host
-    if isinstance(exc, urllib3.exceptions.HTTPError) or (
-        isinstance(exc, ApiException) and not exc.status
-    ):
-        return InferenceServiceError(
-            f"cannot reach the Kubernetes API server at {host} to {action}: {exc}. "
-            "Check that the cluster is running, that the kubeconfig context (or in-cluster "
-            "service account) points at it, and that no proxy or firewall blocks the port."
-        )
-    assert isinstance(exc, ApiException)
-    message = f"Kubernetes API server at {host} refused to {action}: HTTP {exc.status} {exc.reason}"
-    if exc.status == 404:
-        message += f" (is KServe installed, i.e. does the {PLURAL}.{GROUP} CRD exist?)"
-    elif exc.status in (401, 403):
-        message += " (check the credentials and RBAC of the kubeconfig user / service account)"
-    return InferenceServiceError(message)
-
-
 def apply_inference_service(
     manifest: dict[str, Any],
     api_client: client.ApiClient,
     *,
-    timeout: tuple[float, float] = DEFAULT_TIMEOUT_S,
-) -> str:
+    timeout: tuple[float, float] = DEFAULT_REQUEST_TIMEOUT_S,
+) -> tuple[str, dict[str, Any]]:
     """Create the InferenceService, or merge-patch it if it exists.
 
-    Returns ``"created"`` or ``"patched"``. A patch also clears ``canaryTrafficPercent``
-    when the manifest has none, so re-applying a plain spec ends a canary rollout.
+    Returns ``"created"`` or ``"patched"`` and the object as the server stored it. A patch also
+    clears ``canaryTrafficPercent`` when the manifest has none, so re-applying a plain spec ends
+    a canary rollout.
     """
-    return _apply(manifest, api_client, timeout)[0]
-
-
-def _apply(
-    manifest: dict[str, Any], api_client: client.ApiClient, timeout: tuple[float, float]
-) -> tuple[str, dict[str, Any]]:
-    """:func:`apply_inference_service`, also returning the object as the server stored it."""
-    api = client.CustomObjectsApi(api_client)
+    try:
+        return "created", INFERENCE_SERVICES.create(api_client, manifest, timeout)
+    except AlreadyExists:
+        pass
     meta = manifest["metadata"]
-    name, namespace = meta["name"], meta["namespace"]
-    try:
-        try:
-            stored = api.create_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, manifest, _request_timeout=timeout
-            )
-            return "created", stored
-        except ApiException as exc:
-            if exc.status != 409:
-                raise
-        patch = {**manifest, "spec": {**manifest["spec"]}}
-        patch["spec"]["predictor"] = {"canaryTrafficPercent": None, **manifest["spec"]["predictor"]}
-        stored = api.patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, patch, _request_timeout=timeout
-        )
-        return "patched", stored
-    except (ApiException, urllib3.exceptions.HTTPError) as exc:
-        raise _api_error(exc, api_client, f"apply {KIND} {namespace}/{name}") from exc
-
-
-def get_inference_service(
-    name: str,
-    namespace: str,
-    api_client: client.ApiClient,
-    *,
-    timeout: tuple[float, float] = DEFAULT_TIMEOUT_S,
-) -> dict[str, Any] | None:
-    """The InferenceService as stored on the server, or ``None`` if it does not exist."""
-    api = client.CustomObjectsApi(api_client)
-    try:
-        return api.get_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, _request_timeout=timeout
-        )
-    except ApiException as exc:
-        if exc.status == 404:
-            return None
-        raise _api_error(exc, api_client, f"read {KIND} {namespace}/{name}") from exc
-    except urllib3.exceptions.HTTPError as exc:
-        raise _api_error(exc, api_client, f"read {KIND} {namespace}/{name}") from exc
+    patch = {**manifest, "spec": {**manifest["spec"]}}
+    patch["spec"]["predictor"] = {"canaryTrafficPercent": None, **manifest["spec"]["predictor"]}
+    stored = INFERENCE_SERVICES.patch(
+        api_client, meta["namespace"], meta["name"], patch, timeout, action="apply"
+    )
+    return "patched", stored
 
 
 # -- rollout: apply, wait for Ready, roll back ------------------------------------------------
-@dataclass(frozen=True)
-class Readiness:
-    """One look at a rollout: ``ready``, ``pending``, ``failed`` or ``timeout``, and why."""
-
-    state: str
-    detail: str
-
-
 @dataclass(frozen=True)
 class Rollout:
     """A rollout that became Ready."""
@@ -305,16 +243,16 @@ class RolloutWatch:
         self.baseline = _condition_key(baseline)
         self.changed = created  # a status of an object we just created can only be about it
 
-    def assess(self, isvc: dict[str, Any] | None) -> Readiness:
+    def assess(self, isvc: dict[str, Any] | None) -> Progress:
         if isvc is None:
-            return Readiness("failed", f"the {KIND} was deleted while waiting for it")
+            return Progress("failed", f"the {INFERENCE_SERVICES.kind} was deleted while waiting")
         status = isvc.get("status") or {}
         condition = ready_condition(isvc)
         observed = status.get("observedGeneration")
         if self.generation is not None and isinstance(observed, int):
             if observed < self.generation:
-                return Readiness(
-                    "pending",
+                return Progress(
+                    PENDING,
                     f"the controller has not acted on generation {self.generation} yet "
                     f"(observedGeneration {observed})",
                 )
@@ -323,26 +261,26 @@ class RolloutWatch:
             self.changed = self.changed or _condition_key(condition) != self.baseline
             current = self.changed
         if not current:
-            return Readiness(
-                "pending", f"no status for the new spec yet (still {describe_condition(condition)})"
+            return Progress(
+                PENDING, f"no status for the new spec yet (still {describe_condition(condition)})"
             )
         model_status = status.get("modelStatus") or {}
         if model_status.get("transitionStatus") in FAILED_TRANSITIONS:
             failure = model_status.get("lastFailureInfo") or {}
             why = ": ".join(str(failure[k]) for k in ("reason", "message") if failure.get(k))
-            return Readiness(
+            return Progress(
                 "failed", f"model {model_status['transitionStatus']}: {why}".rstrip(": ")
             )
         if condition is None:
-            return Readiness("pending", describe_condition(None))
+            return Progress(PENDING, describe_condition(None))
         if condition.get("status") == "True":
-            return Readiness("ready", describe_condition(condition))
+            return Progress("ready", describe_condition(condition))
         if (
             condition.get("status") == "False"
             and (condition.get("reason") or "") not in IN_PROGRESS_REASONS
         ):
-            return Readiness("failed", describe_condition(condition))
-        return Readiness("pending", describe_condition(condition))
+            return Progress("failed", describe_condition(condition))
+        return Progress(PENDING, describe_condition(condition))
 
 
 def _condition_key(condition: dict[str, Any] | None) -> tuple | None:
@@ -359,29 +297,18 @@ def wait_until_ready(
     *,
     timeout_s: float,
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
-    request_timeout: tuple[float, float] = DEFAULT_TIMEOUT_S,
+    request_timeout: tuple[float, float] = DEFAULT_REQUEST_TIMEOUT_S,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
-) -> Readiness:
-    """Poll the InferenceService until ``watch`` calls it ready or failed, or time runs out.
-
-    An API error while polling is not a verdict on the rollout: polling goes on, and the error
-    is reported if the wait times out.
-    """
-    deadline = clock() + timeout_s
-    while True:
-        try:
-            seen = watch.assess(
-                get_inference_service(name, namespace, api_client, timeout=request_timeout)
-            )
-        except InferenceServiceError as err:
-            seen = Readiness("pending", f"last poll failed: {err}")
-        if seen.state != "pending":
-            return seen
-        left = deadline - clock()
-        if left <= 0:
-            return Readiness("timeout", seen.detail)
-        sleep(min(poll_interval_s, left))
+) -> Progress:
+    """Poll the InferenceService until ``watch`` calls it ready or failed, or time runs out."""
+    return poll(
+        lambda: watch.assess(INFERENCE_SERVICES.get(api_client, namespace, name, request_timeout)),
+        timeout_s=timeout_s,
+        interval_s=poll_interval_s,
+        clock=clock,
+        sleep=sleep,
+    )
 
 
 def roll_out_inference_service(
@@ -390,7 +317,7 @@ def roll_out_inference_service(
     *,
     timeout_s: float = DEFAULT_READY_TIMEOUT_S,
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
-    request_timeout: tuple[float, float] = DEFAULT_TIMEOUT_S,
+    request_timeout: tuple[float, float] = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> Rollout:
     """Create or patch the InferenceService and wait until it reports the new spec Ready.
 
@@ -402,9 +329,9 @@ def roll_out_inference_service(
     """
     meta = manifest["metadata"]
     name, namespace = meta["name"], meta["namespace"]
-    where = f"{KIND} {namespace}/{name}"
-    previous = get_inference_service(name, namespace, api_client, timeout=request_timeout)
-    action, stored = _apply(manifest, api_client, request_timeout)
+    where = INFERENCE_SERVICES.describe(namespace, name)
+    previous = INFERENCE_SERVICES.get(api_client, namespace, name, request_timeout)
+    action, stored = apply_inference_service(manifest, api_client, timeout=request_timeout)
     generation = (stored.get("metadata") or {}).get("generation")
     watch = RolloutWatch(
         generation if isinstance(generation, int) else None,
@@ -422,7 +349,7 @@ def roll_out_inference_service(
     )
     if outcome.state == "ready":
         return Rollout(action, outcome.detail)
-    if outcome.state == "timeout":
+    if outcome.state == TIMEOUT:
         problem = (
             f"{where} did not become Ready within {timeout_s:g}s (last seen: {outcome.detail})"
         )
@@ -436,7 +363,7 @@ def roll_out_inference_service(
         )
     try:
         _restore(previous, api_client, request_timeout)
-    except InferenceServiceError as err:
+    except KubeApiError as err:
         raise RolloutError(
             f"{problem}. Rolling back to the previous spec failed as well: {err}. Restore it by "
             f"hand (its storage URI was {storage_uri_of(previous)})."
@@ -453,18 +380,12 @@ def _restore(
     """Merge-patch the InferenceService back to ``previous``'s spec, annotations and labels."""
     meta = previous["metadata"]
     name, namespace = meta["name"], meta["namespace"]
-    current = get_inference_service(name, namespace, api_client, timeout=timeout)
+    current = INFERENCE_SERVICES.get(api_client, namespace, name, timeout)
     if current is None:
-        raise InferenceServiceError(f"{KIND} {namespace}/{name} no longer exists")
+        raise KubeApiError(f"{INFERENCE_SERVICES.describe(namespace, name)} no longer exists")
     patch = merge_patch(_restorable(current), _restorable(previous))
-    if not patch:
-        return
-    try:
-        client.CustomObjectsApi(api_client).patch_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, name, patch, _request_timeout=timeout
-        )
-    except (ApiException, urllib3.exceptions.HTTPError) as exc:
-        raise _api_error(exc, api_client, f"restore {KIND} {namespace}/{name}") from exc
+    if patch:
+        INFERENCE_SERVICES.patch(api_client, namespace, name, patch, timeout, action="restore")
 
 
 def _restorable(isvc: dict[str, Any]) -> dict[str, Any]:
@@ -494,34 +415,3 @@ def merge_patch(current: dict[str, Any], target: dict[str, Any]) -> dict[str, An
         elif key not in current or old != value:
             patch[key] = value
     return patch
-
-
-def _kubeconfig_paths() -> list[Path]:
-    """Existing kubeconfig files: those in ``KUBECONFIG`` if set, else ``~/.kube/config``."""
-    raw = os.environ.get("KUBECONFIG", "")
-    candidates = [Path(p).expanduser() for p in raw.split(os.pathsep) if p] or [
-        Path.home() / ".kube" / "config"
-    ]
-    return [p for p in candidates if p.is_file()]
-
-
-def cluster_api_client() -> client.ApiClient | None:
-    """An API client for the current cluster, or ``None`` when no cluster is configured.
-
-    In-cluster service-account config wins; otherwise the kubeconfig named by ``KUBECONFIG``
-    (or ``~/.kube/config``) is used, with its current context.
-    """
-    configuration = client.Configuration()
-    try:
-        config.load_incluster_config(client_configuration=configuration)
-        return client.ApiClient(configuration)
-    except ConfigException:
-        pass
-    paths = _kubeconfig_paths()
-    if not paths:
-        return None
-    joined = os.pathsep.join(str(p) for p in paths)
-    try:
-        return config.new_client_from_config(config_file=joined)
-    except ConfigException as exc:
-        raise InferenceServiceError(f"kubeconfig {joined} is unusable: {exc}") from exc

@@ -1,13 +1,21 @@
-"""Object storage (MinIO / any S3) through the ``minio`` client: the only module that talks S3."""
+"""Object storage (MinIO / any S3) through the ``minio`` client: the only module that talks S3.
+
+A *location* is a local path or an ``s3://bucket/prefix`` URI; :func:`fetch`, :func:`local_copy`,
+:func:`publish` and :func:`list_files` take either, so no caller tells the two apart itself.
+"""
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import urllib3
@@ -211,3 +219,113 @@ class ObjectStore:
                 leave=False,
             ):
                 pass
+
+
+# -- locations: a local path or an s3:// URI ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StoredFile:
+    """One file below a location: its path below it, where it is, and how to read it."""
+
+    parts: tuple[str, ...]  # the path below the location, one item per folder level
+    source: str  # a local path or an s3:// URI
+    read: Callable[[], bytes]
+
+
+def local_path(location: str | Path) -> Path:
+    """The local path a non-``s3://`` location names (``file://`` allowed); any other scheme is
+    an error saying which ones work."""
+    text = str(location).removeprefix("file://")
+    if "://" in text:
+        raise ValueError(
+            f"unsupported storage URI {str(location)!r}: use s3://bucket/prefix or a local path"
+        )
+    return Path(text)
+
+
+def _hidden(parts: tuple[str, ...]) -> bool:
+    return any(part.startswith(".") for part in parts)
+
+
+def list_files(location: str, store: ObjectStore | None = None) -> list[StoredFile]:
+    """Every file below a local folder or ``s3://bucket/prefix``, sorted; hidden files and
+    folders (``.name``) are left out. A missing folder is :class:`FileNotFoundError`."""
+    if is_s3_uri(location):
+        store = store or ObjectStore()
+        uri = S3Uri.parse(location)
+        base = f"{uri.key}/" if uri.key else ""
+        files = []
+        for key in sorted(store.list_keys(uri)):
+            parts = PurePosixPath(key[len(base) :]).parts
+            obj = S3Uri(uri.bucket, key)
+            files.append(StoredFile(parts, str(obj), lambda o=obj: store.get_bytes(o)))
+        return [f for f in files if not _hidden(f.parts)]
+    root = local_path(location)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root} does not exist or is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.is_file())
+    files = [StoredFile(p.relative_to(root).parts, str(p), p.read_bytes) for p in paths]
+    return [f for f in files if not _hidden(f.parts)]
+
+
+def location_exists(location: str | Path, store: ObjectStore | None = None) -> bool:
+    """Whether a local path, or an ``s3://`` object (its bucket included), exists."""
+    location = str(location)
+    if not is_s3_uri(location):
+        return local_path(location).exists()
+    store = store or ObjectStore()
+    uri = S3Uri.parse(location)
+    return store.bucket_exists(uri.bucket) and store.exists(uri)
+
+
+def fetch(location: str | Path, dest: Path, store: ObjectStore | None = None) -> Path:
+    """A local path holding ``location``: a local path as it is; an ``s3://`` object downloaded
+    to ``dest``, or every object under an ``s3://`` prefix into the folder ``dest``."""
+    location = str(location)
+    if not is_s3_uri(location):
+        return local_path(location)
+    store = store or ObjectStore()
+    uri = S3Uri.parse(location)
+    if uri.key and store.exists(uri):
+        return store.download_file(uri, Path(dest))
+    store.download_dir(uri, Path(dest), progress=False)
+    return Path(dest)
+
+
+@contextmanager
+def local_copy(location: str | Path, store: ObjectStore | None = None) -> Iterator[Path]:
+    """:func:`fetch` into a temporary folder that is removed after the block (a local path is
+    used in place; :class:`FileNotFoundError` when there is nothing)."""
+    if not is_s3_uri(str(location)):
+        path = local_path(location)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist")
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="brainmri-") as tmp:
+        yield fetch(location, Path(tmp) / "copy", store)
+
+
+def publish(local: Path, location: str | Path, store: ObjectStore | None = None) -> None:
+    """Copy the file or folder ``local`` to ``location``: uploaded under an ``s3://`` URI (the
+    bucket is created if missing), copied to a local path. A local file is replaced atomically,
+    so a crash never leaves half of it."""
+    location, local = str(location), Path(local)
+    if is_s3_uri(location):
+        store = store or ObjectStore()
+        uri = S3Uri.parse(location)
+        if local.is_dir():
+            store.upload_dir(local, uri, progress=False)
+        else:
+            store.ensure_bucket(uri.bucket)
+            store.upload_file(local, uri)
+        return
+    target = local_path(location)
+    if local.is_dir():
+        shutil.copytree(local, target, dirs_exist_ok=True)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f"{target.name}.partial")
+    shutil.copyfile(local, partial)
+    os.replace(partial, target)

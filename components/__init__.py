@@ -1,8 +1,10 @@
-"""Pipeline steps: each module holds a step's plain logic and its thin ``@dsl.component`` wrapper.
+"""Pipeline steps. Each module holds one step's plain, typed logic (ingest, split, train,
+evaluate, gate, promote, and what they share: config, augment, data_report, distributed,
+train_job), which never imports KFP; ``kfp_components.py`` holds the thin ``@dsl.component``
+wrappers that map KFP artifacts to paths and call it.
 
-Every wrapper runs in one shared image (``components/Dockerfile``) that installs this package, so
-wrappers import the logic instead of copying it. Override the image at compile time with
-``COMPONENT_IMAGE``.
+Every wrapper runs in one shared image (``components/Dockerfile``) that installs this package.
+Override the image at compile time with ``COMPONENT_IMAGE``.
 """
 
 import os

@@ -1,95 +1,50 @@
-"""Augment: the training-time transform configuration, passed to the train step as an artifact.
+"""Augmentation: the training-time transforms of an :class:`~components.config.AugmentConfig`.
 
-The train step rebuilds the transform from the artifact and applies it on the fly to its cached
-uint8 training images (never to validation, test or served images): geometric transforms
-(random resized crop, flips, rotation), intensity transforms (brightness, contrast) and
-MRI-specific ones (gamma, a smooth multiplicative bias field as left by coil inhomogeneity, and
-Gaussian or Rician noise, the noise of magnitude MR images). All are torchvision v2 transforms.
+The train step applies them on the fly to its cached uint8 training images (never to validation,
+test or served images): geometric transforms (random resized crop, flips, rotation), intensity
+transforms (brightness, contrast) and MRI-specific ones (gamma, a smooth multiplicative bias
+field as left by coil inhomogeneity, and Gaussian or Rician noise, the noise of magnitude MR
+images). All are torchvision v2 transforms.
 """
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-NOISE_KINDS = ("gaussian", "rician")
+from components.config import AugmentConfig
 
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Random transforms applied to uint8 training images (before normalisation).
-
-    Every knob set to 0 (``crop_scale`` to 1) switches its transform off.
-    """
-
-    rotation_degrees: float = 10.0  # rotate by U(-d, d) degrees
-    brightness: float = 0.2  # ColorJitter brightness factor range 1 ± b
-    contrast: float = 0.2  # ColorJitter contrast factor range 1 ± c
-    hflip_probability: float = 0.5
-    vflip_probability: float = 0.0  # off: axial slices are not upside-down symmetric
-    crop_scale: float = 0.85  # random resized crop keeps U(crop_scale, 1) of the area
-    gamma: float = 0.2  # gamma = exp(U(-g, g)) on intensities in [0, 1]
-    bias_field: float = 0.3  # coefficients U(-b, b) of a 2nd-order polynomial log-field
-    noise_std: float = 0.03  # noise sigma U(0, s), as a fraction of the intensity range
-    noise_kind: str = "rician"  # "gaussian" or "rician"
-    mri_probability: float = 0.3  # chance of each MRI transform (gamma, bias field, noise)
-
-    def __post_init__(self) -> None:
-        for item in fields(self):
-            value = getattr(self, item.name)
-            if isinstance(value, int | float) and (value < 0 or not math.isfinite(value)):
-                raise ValueError(f"augment parameter {item.name}={value} must be >= 0")
-        for name in ("hflip_probability", "vflip_probability", "mri_probability"):
-            if getattr(self, name) > 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be <= 1")
-        if not 0 < self.crop_scale <= 1:
-            raise ValueError(f"crop_scale={self.crop_scale} must be in (0, 1]")
-        if self.noise_kind not in NOISE_KINDS:
-            raise ValueError(f"noise_kind={self.noise_kind!r} must be one of {NOISE_KINDS}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def save(self, path: Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2))
-
-    @classmethod
-    def load(cls, path: Path) -> "AugmentConfig":
-        return cls(**json.loads(Path(path).read_text()))
-
-    def transform(self, image_size: int) -> v2.Transform:
-        """The torchvision v2 pipeline for one uint8 (C, S, S) image tensor, S = ``image_size``."""
-        steps: list[v2.Transform] = []
-        if self.crop_scale < 1:
-            steps.append(
-                v2.RandomResizedCrop(
-                    image_size, scale=(self.crop_scale, 1.0), ratio=(0.9, 1.1), antialias=True
-                )
+def build_transform(config: AugmentConfig, image_size: int) -> v2.Transform:
+    """The torchvision v2 pipeline of ``config`` for one uint8 (C, S, S) image, S = image_size."""
+    steps: list[v2.Transform] = []
+    if config.crop_scale < 1:
+        steps.append(
+            v2.RandomResizedCrop(
+                image_size, scale=(config.crop_scale, 1.0), ratio=(0.9, 1.1), antialias=True
             )
-        if self.hflip_probability:
-            steps.append(v2.RandomHorizontalFlip(self.hflip_probability))
-        if self.vflip_probability:
-            steps.append(v2.RandomVerticalFlip(self.vflip_probability))
-        if self.rotation_degrees:
-            bilinear = v2.InterpolationMode.BILINEAR
-            steps.append(v2.RandomRotation(self.rotation_degrees, interpolation=bilinear))
-        if self.brightness or self.contrast:
-            steps.append(v2.ColorJitter(brightness=self.brightness, contrast=self.contrast))
-        mri: list[v2.Transform] = []
-        if self.gamma:
-            mri.append(RandomGamma(self.gamma))
-        if self.bias_field:
-            mri.append(RandomBiasField(self.bias_field))
-        if self.noise_std:
-            mri.append(RandomNoise(self.noise_std, rician=self.noise_kind == "rician"))
-        if self.mri_probability:
-            steps.extend(v2.RandomApply([t], p=self.mri_probability) for t in mri)
-        return v2.Compose(steps) if steps else v2.Identity()
+        )
+    if config.hflip_probability:
+        steps.append(v2.RandomHorizontalFlip(config.hflip_probability))
+    if config.vflip_probability:
+        steps.append(v2.RandomVerticalFlip(config.vflip_probability))
+    if config.rotation_degrees:
+        bilinear = v2.InterpolationMode.BILINEAR
+        steps.append(v2.RandomRotation(config.rotation_degrees, interpolation=bilinear))
+    if config.brightness or config.contrast:
+        steps.append(v2.ColorJitter(brightness=config.brightness, contrast=config.contrast))
+    mri: list[v2.Transform] = []
+    if config.gamma:
+        mri.append(RandomGamma(config.gamma))
+    if config.bias_field:
+        mri.append(RandomBiasField(config.bias_field))
+    if config.noise_std:
+        mri.append(RandomNoise(config.noise_std, rician=config.noise_kind == "rician"))
+    if config.mri_probability:
+        steps.extend(v2.RandomApply([t], p=config.mri_probability) for t in mri)
+    return v2.Compose(steps) if steps else v2.Identity()
 
 
 class _IntensityTransform(v2.Transform):

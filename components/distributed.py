@@ -87,8 +87,3 @@ class DistributedContext:
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DDP wrapper."""
-    return model.module if isinstance(model, DistributedDataParallel) else model

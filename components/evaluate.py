@@ -16,7 +16,6 @@ import base64
 import io
 import json
 import sys
-import tempfile
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -35,9 +34,10 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from brainmri.class_folders import LabelledFile, list_labelled_files
 from brainmri.dataset import load_image_set
 from brainmri.images import ImageDecodeError, decode_image
-from brainmri.model import ModelBundle, pick_device
+from brainmri.model import ModelBundle, load_bundle
 from brainmri.storage import StorageError
 from components.split import load_split
 
@@ -133,11 +133,6 @@ def predict_proba(bundle: ModelBundle, images: torch.Tensor, batch_size: int = 6
             for i in range(0, len(images), batch_size)
         ]
     )
-
-
-def predict_labels(bundle: ModelBundle, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Predicted class indices for cached uint8 images, in batches."""
-    return predict_proba(bundle, images, batch_size).argmax(dim=1)
 
 
 def _thin(curve: RocCurve, limit: int = MAX_ROC_POINTS) -> RocCurve:
@@ -258,21 +253,7 @@ def evaluate_model(
     model_dir: Path, dataset_dir: Path, split_csv: Path, split_name: str = "test"
 ) -> Evaluation:
     """Every score of the bundle in ``model_dir`` on one split of the pipeline's dataset."""
-    bundle = ModelBundle.load(model_dir, pick_device())
-    return evaluate_split(bundle, dataset_dir, split_csv, split_name)
-
-
-def load_bundle(location: str | Path, store: Any = None) -> ModelBundle:
-    """A bundle from a local folder or an ``s3://bucket/prefix`` (downloaded, then loaded)."""
-    location = str(location)
-    if not location.startswith("s3://"):
-        return ModelBundle.load(Path(location), pick_device())
-    from brainmri.storage import ObjectStore, S3Uri
-
-    store = store or ObjectStore()
-    with tempfile.TemporaryDirectory(prefix="brainmri-model-") as tmp:
-        store.download_dir(S3Uri.parse(location), Path(tmp), progress=False)
-        return ModelBundle.load(Path(tmp), pick_device())
+    return evaluate_split(load_bundle(model_dir), dataset_dir, split_csv, split_name)
 
 
 @dataclass
@@ -286,63 +267,54 @@ class FolderImages:
 
 
 def read_folder(
-    data_dir: Path, class_names: Sequence[str], resize: Any, workers: int = 4
+    location: str | Path, class_names: Sequence[str], resize: Any, workers: int = 4
 ) -> FolderImages:
-    """Decode ``data_dir/<class>/**/<image>`` (folder aliases as in ingest), skipping bad files."""
-    from components.ingest import canonical_label
-
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise FileNotFoundError(f"{data_dir} is not a folder of <class>/<image> subfolders")
+    """Decode a class-per-folder tree (a folder or ``s3://`` prefix; folder aliases as in
+    ingest); unreadable files and files outside the class folders are skipped and listed."""
     index = {name: i for i, name in enumerate(class_names)}
-    files: list[tuple[Path, int]] = []
-    for folder in sorted(p for p in data_dir.iterdir() if p.is_dir() and p.name[0] != "."):
-        label = canonical_label(folder.name)
-        if label not in index:
-            raise ValueError(f"class folder '{folder.name}' is not among {list(class_names)}")
-        files += [
-            (f, index[label])
-            for f in sorted(folder.rglob("*"))
-            if f.is_file() and not f.name.startswith(".")
-        ]
-    if not files:
-        raise ValueError(f"{data_dir} holds no <class>/<image> files")
+    files = list_labelled_files(str(location))
+    foreign = sorted({f.label for f in files if f.label is not None and f.label not in index})
+    if foreign:
+        raise ValueError(f"class folder(s) {foreign} are not among {list(class_names)}")
 
-    def decode(item: tuple[Path, int]) -> torch.Tensor | str:
+    def decode(file: LabelledFile) -> torch.Tensor | str:
+        if file.label is None:
+            return "not inside a class folder"
         try:
-            return resize(decode_image(item[0]))
+            return resize(decode_image(file.read()))
         except ImageDecodeError as err:
-            return str(err)
+            return str(err).removeprefix("payload: ")
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         decoded = list(pool.map(decode, files))
     keep = [i for i, d in enumerate(decoded) if isinstance(d, torch.Tensor)]
     skipped = [
-        {"path": files[i][0].relative_to(data_dir).as_posix(), "reason": decoded[i]}
+        {"path": files[i].found_at, "reason": decoded[i]}
         for i in range(len(files))
         if not isinstance(decoded[i], torch.Tensor)
     ]
     if not keep:
-        raise ValueError(f"none of the {len(files)} files under {data_dir} is a readable image")
+        raise ValueError(f"none of the {len(files)} files under {location} is a readable image")
     return FolderImages(
         torch.stack([decoded[i] for i in keep]),
-        torch.tensor([files[i][1] for i in keep], dtype=torch.long),
-        [files[i][0].relative_to(data_dir).as_posix() for i in keep],
+        torch.tensor([index[files[i].label] for i in keep], dtype=torch.long),
+        [files[i].found_at for i in keep],
         skipped,
     )
 
 
 def evaluate_folder(
-    model: str | Path | ModelBundle, data_dir: Path
+    model: str | Path | ModelBundle, location: str | Path
 ) -> tuple[Evaluation, list[dict[str, str]]]:
-    """Score a model (bundle, folder or ``s3://`` URI) on a class-per-folder tree of images.
+    """Score a model (bundle, folder or ``s3://`` URI) on a class-per-folder tree of images
+    (a folder or ``s3://`` prefix).
 
     Returns the evaluation and the files that were skipped as unreadable (with the reason).
     """
     bundle = model if isinstance(model, ModelBundle) else load_bundle(model)
-    data = read_folder(Path(data_dir), bundle.class_names, bundle.preprocess.resize())
+    data = read_folder(location, bundle.class_names, bundle.preprocess.resize())
     evaluation = evaluate_bundle(bundle, data.images, data.labels, data.paths)
-    evaluation.data = str(data_dir)
+    evaluation.data = str(location)
     return evaluation, data.skipped
 
 
@@ -456,7 +428,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         description="Score a saved model on a class-per-folder tree of images; prints JSON.",
     )
     parser.add_argument("--model", required=True, help="model folder or s3://bucket/prefix")
-    parser.add_argument("--data", required=True, type=Path, help="<class>/<image> folder tree")
+    parser.add_argument(
+        "--data", required=True, help="<class>/<image> tree: a folder or s3://bucket/prefix"
+    )
     parser.add_argument("--report", type=Path, help="also write the Markdown report here")
     args = parser.parse_args(argv)
     try:

@@ -13,9 +13,10 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from brainmri.model import load_bundle
 from brainmri.registry import read_production_record
 from brainmri.storage import ObjectStore, StorageError
-from components.evaluate import evaluate_split, load_bundle
+from components.evaluate import evaluate_split
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def score_champion(
     such); when there is none either, None (the threshold alone then decides).
     """
     try:
-        bundle = load_bundle(champion.storage_uri, store)
+        bundle = load_bundle(champion.storage_uri, store=store)
         evaluation = evaluate_split(bundle, Path(dataset_dir), Path(split_csv), split_name)
         return evaluation.accuracy, f"scored on the same '{split_name}' split"
     except (StorageError, OSError, ValueError, KeyError, RuntimeError) as err:

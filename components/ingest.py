@@ -9,53 +9,31 @@ copied or listed in the dataset folder. Decoding runs in a thread pool with boun
 import hashlib
 import io
 import json
-import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
 from brainmri import CLASS_NAMES
+from brainmri.class_folders import DatasetError, LabelledFile, list_labelled_files
+from brainmri.cpu import cpu_budget
 from brainmri.dataset import MANIFEST_FILE
 from brainmri.images import ImageDecodeError, decode_image
 from brainmri.registry import dataset_record_uri
-from brainmri.storage import ObjectStore, S3Uri, is_s3_uri
+from brainmri.storage import ObjectStore, S3Uri
 
-# folder names used by other releases of the data set -> canonical label
-CLASS_ALIASES = {
-    "glioma_tumor": "glioma",
-    "meningioma_tumor": "meningioma",
-    "no_tumor": "notumor",
-    "pituitary_tumor": "pituitary",
-    "no": "notumor",
-    "normal": "notumor",
-}
 PRIMARY, EXTERNAL = "primary", "external"
 MANIFEST_COLUMNS = ["path", "label", "width", "height", "mode", "content_hash", "source", "set"]
 QUARANTINE_FILE = "quarantine.csv"
 DUPLICATES_FILE = "duplicates.csv"
 CONFLICTS_FILE = "label_conflicts.csv"
 REPORT_FILE = "ingest_report.json"
-
-
-class DatasetError(ValueError):
-    """The source data cannot make a usable data set; the message names the folder or file."""
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    """One file of the source tree: its label, path inside the dataset, origin and reader."""
-
-    label: str | None  # None: not inside a class folder
-    relpath: str  # <label>/<path below the class folder>
-    source: str  # the original path or s3:// URI
-    read: Callable[[], bytes]
 
 
 @dataclass
@@ -75,49 +53,7 @@ class IngestReport:
         return sum(self.class_counts.values())
 
 
-def canonical_label(folder: str) -> str:
-    """Map a class folder name to one of :data:`CLASS_NAMES`, or fail naming the folder."""
-    name = folder.strip().lower().replace("-", "_").replace(" ", "_")
-    label = name if name in CLASS_NAMES else CLASS_ALIASES.get(name)
-    if label is None:
-        raise DatasetError(
-            f"unknown class folder '{folder}': expected one of {list(CLASS_NAMES)} "
-            f"or an alias {sorted(CLASS_ALIASES)}; rename or remove it"
-        )
-    return label
-
-
-def _source_file(parts: tuple[str, ...], source: str, read: Callable[[], bytes]) -> SourceFile:
-    if len(parts) < 2:  # a file directly in the root: keep it, but it has no class
-        return SourceFile(None, f"_unlabelled/{parts[-1]}", source, read)
-    label = canonical_label(parts[0])
-    return SourceFile(label, "/".join((label, *parts[1:])), source, read)
-
-
-def list_source_files(source: str, store: ObjectStore | None = None) -> list[SourceFile]:
-    """Every file of a local folder or ``s3://bucket/prefix``, in a stable order."""
-    if is_s3_uri(source):
-        store = store or ObjectStore()
-        uri = S3Uri.parse(source)
-        base = f"{uri.key}/" if uri.key else ""
-        files = []
-        for key in sorted(store.list_keys(uri)):
-            parts = PurePosixPath(key[len(base) :]).parts
-            obj = S3Uri(uri.bucket, key)
-            files.append(_source_file(parts, str(obj), lambda o=obj: store.get_bytes(o)))
-        if not files:
-            raise DatasetError(f"{source} holds no files; expected <class>/<image> objects")
-        return files
-    root = Path(source)
-    if not root.is_dir():
-        raise DatasetError(f"source folder {root} does not exist or is not a folder")
-    paths = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
-    if not paths:
-        raise DatasetError(f"{root} holds no files; expected <class>/<image> subfolders")
-    return [_source_file(p.relative_to(root).parts, str(p), p.read_bytes) for p in paths]
-
-
-def _process(item: SourceFile, out_dir: Path, dataset_set: str) -> dict:
+def _process(item: LabelledFile, out_dir: Path, dataset_set: str) -> dict:
     """Decode one file and store it under images/ or quarantine/; returns its record."""
     data = item.read()
     record = {"label": item.label, "source": item.source, "set": dataset_set}
@@ -184,7 +120,7 @@ def deduplicate(images: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, list
     return images.loc[sorted(keep)], duplicates, conflicts
 
 
-def dataset_fingerprint(manifest: pd.DataFrame) -> str:
+def content_fingerprint(manifest: pd.DataFrame) -> str:
     """sha256 of the (set, label, pixel hash) triples: renaming or re-uploading is not new data."""
     lines = sorted(
         f"{s},{lbl},{h}"
@@ -196,7 +132,7 @@ def dataset_fingerprint(manifest: pd.DataFrame) -> str:
 
 
 def _ingest_set(
-    files: list[SourceFile], out_dir: Path, dataset_set: str, workers: int, progress: bool
+    files: list[LabelledFile], out_dir: Path, dataset_set: str, workers: int, progress: bool
 ) -> Iterator[dict]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from tqdm(
@@ -225,12 +161,12 @@ def ingest_dataset(
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    workers = workers or min(8, 2 * (os.cpu_count() or 1))
+    workers = workers or min(8, 2 * cpu_budget())  # decoding waits on I/O too
     sources = {PRIMARY: source, EXTERNAL: external_test_source}
     records = []
     for dataset_set, location in sources.items():
         if location:
-            files = list_source_files(location, store)
+            files = list_labelled_files(location, store)
             records += list(_ingest_set(files, out_dir, dataset_set, workers, progress))
     frame = pd.DataFrame(records, columns=[*MANIFEST_COLUMNS, "reason"])
     bad = frame[frame["reason"].notna()]
@@ -244,7 +180,7 @@ def ingest_dataset(
 
     report = IngestReport(
         counts(PRIMARY),
-        dataset_fingerprint(manifest),
+        content_fingerprint(manifest),
         len(frame),
         quarantined,
         duplicates,
@@ -280,6 +216,15 @@ def _check(report: IngestReport, source: str, out_dir: Path, max_fraction: float
             f"{len(report.quarantined)}, see {out_dir / QUARANTINE_FILE}); add images for "
             "every class"
         )
+
+
+def recorded_fingerprint(dataset_dir: Path) -> str | None:
+    """The content fingerprint ingest recorded for the dataset in ``dataset_dir``, if any."""
+    try:
+        report = json.loads((Path(dataset_dir) / REPORT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return report.get("fingerprint") if isinstance(report, dict) else None
 
 
 def check_new_data(

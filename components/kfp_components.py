@@ -102,59 +102,13 @@ def split(
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
-def augment(
-    augment_config: Output[Artifact],
-    rotation_degrees: float,
-    brightness: float,
-    contrast: float,
-    hflip_probability: float,
-    vflip_probability: float,
-    crop_scale: float,
-    gamma: float,
-    bias_field: float,
-    noise_std: float,
-    noise_kind: str,
-    mri_probability: float,
-) -> None:
-    """Validate the augmentation parameters and write them as a JSON artifact."""
-    from components.augment import AugmentConfig
-
-    config = AugmentConfig(
-        rotation_degrees=rotation_degrees,
-        brightness=brightness,
-        contrast=contrast,
-        hflip_probability=hflip_probability,
-        vflip_probability=vflip_probability,
-        crop_scale=crop_scale,
-        gamma=gamma,
-        bias_field=bias_field,
-        noise_std=noise_std,
-        noise_kind=noise_kind,
-        mri_probability=mri_probability,
-    )
-    config.save(augment_config.path)
-    augment_config.metadata.update(config.to_dict())
-
-
-@dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
 def train(
     dataset: Input[Dataset],
     split_manifest_csv: Input[Dataset],
-    augment_config: Input[Artifact],
     model: Output[Model],
     training_metrics: Output[Metrics],
-    backbone: str,
-    image_size: int,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    seed: int,
-    pretrained: bool,
-    head_epochs: int,
-    schedule: str,
-    patience: int,
-    label_smoothing: float,
-    weight_decay: float,
+    train_config: dict,
+    augment_config: dict,
     checkpoint_uri: str,
     workers: int = 1,
     namespace: str = "brain-mri",
@@ -163,59 +117,46 @@ def train(
 ) -> float:
     """Train the classifier; outputs the model bundle and its best validation accuracy.
 
-    Saves the training state to ``checkpoint_uri`` after every epoch and, when the task is
-    retried, resumes from it. ``workers > 1`` trains as a PyTorchJob (DDP) of that many replicas.
+    ``train_config`` / ``augment_config`` hold TrainConfig / AugmentConfig fields (missing ones
+    take the defaults; an unknown one fails the step, naming it). Saves the training state to
+    ``checkpoint_uri`` after every epoch and, when the task is retried, resumes from it.
+    ``workers > 1`` trains as a PyTorchJob (DDP) of that many replicas.
     """
-    from pathlib import Path
-
-    from components.train import TrainConfig
+    from components.config import AugmentConfig, TrainConfig, from_dict
+    from components.train import TrainRun
     from components.train_job import run_training
 
-    config = TrainConfig(
-        backbone=backbone,
-        image_size=image_size,
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        seed=seed,
-        pretrained=pretrained,
-        head_epochs=head_epochs,
-        schedule=schedule,
-        patience=patience,
-        label_smoothing=label_smoothing,
-        weight_decay=weight_decay,
+    run = TrainRun(
+        dataset.path,
+        split_manifest_csv.path,
+        model.path,
+        from_dict(TrainConfig, train_config),
+        from_dict(AugmentConfig, augment_config),
+        checkpoint_uri or None,
     )
     trained = run_training(
-        Path(dataset.path),
-        Path(split_manifest_csv.path),
-        Path(augment_config.path),
-        Path(model.path),
-        config,
-        checkpoint_uri=checkpoint_uri or None,
-        workers=workers,
-        namespace=namespace,
-        run_id=run_id,
-        models_bucket=models_bucket,
+        run, workers=workers, namespace=namespace, run_id=run_id, models_bucket=models_bucket
     )
     model.metadata.update(
         {
-            "backbone": backbone,
-            "val_accuracy": trained["best_val_accuracy"],
-            "best_epoch": trained["best_epoch"],
-            "resumed_from_epoch": trained["resumed_from_epoch"],
-            "world_size": trained["world_size"],
+            "backbone": run.train.backbone,
+            "val_accuracy": trained.best_val_accuracy,
+            "best_epoch": trained.best_epoch,
+            "resumed_from_epoch": trained.resumed_from_epoch,
+            "world_size": trained.world_size,
+            "augment": trained.augment,
         }
     )
-    training_metrics.log_metric("best_val_accuracy", trained["best_val_accuracy"])
-    training_metrics.log_metric("best_epoch", trained["best_epoch"])
-    training_metrics.log_metric("epochs_run", len(trained["history"]))
-    training_metrics.log_metric("training_minutes", trained["training_seconds"] / 60)
-    training_metrics.log_metric("train_images_per_s", trained["train_images_per_s"])
-    for epoch in trained["history"]:  # per-epoch curves, one scalar each (Metrics holds scalars)
+    training_metrics.log_metric("best_val_accuracy", trained.best_val_accuracy)
+    training_metrics.log_metric("best_epoch", trained.best_epoch)
+    training_metrics.log_metric("epochs_run", len(trained.history))
+    training_metrics.log_metric("training_minutes", trained.training_seconds / 60)
+    training_metrics.log_metric("train_images_per_s", trained.train_images_per_s)
+    for epoch in trained.history:  # per-epoch curves, one scalar each (Metrics holds scalars)
         prefix = f"epoch{epoch['epoch']:02d}"
         training_metrics.log_metric(f"{prefix}_val_accuracy", epoch["val_accuracy"])
         training_metrics.log_metric(f"{prefix}_train_loss", epoch["train_loss"])
-    return trained["best_val_accuracy"]
+    return trained.best_val_accuracy
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -320,14 +261,14 @@ def promote(
     """Publish the model version, roll the InferenceService to it and wait until it is Ready
     (rolling back on failure); returns the version's storage URI. ``canary_traffic_percent``
     -1 sends all traffic to the new version."""
-    import json
     from pathlib import Path
 
-    from brainmri.inference_service import InferenceServiceSpec, cluster_api_client
-    from brainmri.model import METADATA_FILE
+    from brainmri.inference_service import InferenceServiceSpec
+    from brainmri.kube import cluster_api_client
+    from brainmri.model import ModelBundle
     from components.promote import promote_model
 
-    trained_on = json.loads((Path(model.path) / METADATA_FILE).read_text())["metadata"]
+    trained_on = ModelBundle.read_metadata(Path(model.path))
     spec = InferenceServiceSpec(
         name=model_name,
         namespace=namespace,

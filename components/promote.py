@@ -9,7 +9,6 @@ names a version that served.
 """
 
 import hashlib
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass, replace
@@ -27,7 +26,7 @@ from brainmri.inference_service import (
     roll_out_inference_service,
     to_yaml,
 )
-from brainmri.model import METADATA_FILE, WEIGHTS_FILE
+from brainmri.model import WEIGHTS_FILE, ModelBundle
 from brainmri.registry import production_record_uri, read_production_record
 from brainmri.storage import ObjectStore, S3Uri
 
@@ -67,14 +66,6 @@ def model_version(
     return f"{(now or datetime.now(UTC)):%Y%m%d-%H%M%S}-{short}"
 
 
-def stamp_version(model_dir: Path, version: str) -> None:
-    """Record ``version`` in the bundle's metadata, so the server reports what it serves."""
-    meta_path = Path(model_dir, METADATA_FILE)
-    meta = json.loads(meta_path.read_text())
-    meta.setdefault("metadata", {})["version"] = version
-    meta_path.write_text(json.dumps(meta, indent=2))
-
-
 def promote_model(
     model_dir: Path,
     model_name: str,
@@ -107,7 +98,7 @@ def promote_model(
     previous = read_production_record(store, models_bucket, model_name) or {}
     with tempfile.TemporaryDirectory(prefix="promote-") as staging:
         staged = Path(shutil.copytree(model_dir, Path(staging) / version))
-        stamp_version(staged, version)
+        ModelBundle.update_metadata(staged, version=version)  # what the server reports
         store.upload_dir(staged, target)
     manifest = render_inference_service(replace(isvc, storage_uri=str(target)))
     if api_client is None:

@@ -11,17 +11,13 @@ import pandas as pd
 from sklearn.model_selection import train_test_split
 
 from brainmri.dataset import read_manifest
+from components.config import TEST_FRACTION, VAL_FRACTION
 
-TRAINING_SPLITS = ("train", "val", "test")
 EXTERNAL_SPLIT = "external_test"
 
 
 class LeakageError(ValueError):
     """The same image content appears on both sides of a split boundary."""
-
-
-# 75 % of the images train; 10 % of ~5,500 still resolves validation accuracy to 0.2 %
-VAL_FRACTION, TEST_FRACTION = 0.10, 0.15
 
 
 def _group_key(manifest: pd.DataFrame) -> pd.Series:

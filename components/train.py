@@ -1,26 +1,28 @@
 """Train: fit the classifier on the train split, keep the weights that score best on val.
 
-One loop serves CPU and GPU. Pretrained backbones are fine-tuned in two phases: the new head
+Shaped like torchvision's classification reference: :func:`train_one_epoch` and :func:`evaluate`
+are plain functions, :func:`train_model` drives them, and one loop serves CPU, GPU and DDP
+(:mod:`components.distributed`). Pretrained backbones are fine-tuned in two phases: the new head
 alone (backbone frozen, its batch-norm statistics too), then the whole network; each phase has
 its own AdamW optimiser and a one-cycle (or cosine) schedule. Label smoothing, early stopping
 on validation, deterministic per-epoch seeds. On CUDA: mixed precision (bf16 where supported,
 else fp16 with loss scaling), pinned memory, channels-last, DataLoader workers. On a CPU: torch
-threads set to the CPUs this process may use, no workers (the images are decoded once and cached
-as uint8 tensors, so a worker would only compete with the compute threads for the cores).
+threads set to the CPU budget, no workers (the images are decoded once and cached as uint8
+tensors, so a worker would only compete with the compute threads for the cores).
 
-With ``checkpoint_uri`` (``s3://bucket/prefix`` on MinIO, or a local folder) the full training
-state is saved after every epoch and a retried run resumes after the last finished epoch.
+With a ``checkpoint_uri`` (``s3://bucket/prefix`` on MinIO, or a local folder) the whole
+:class:`TrainState` is saved after every epoch and a retried run resumes after the last finished
+epoch. What training did is one :class:`TrainResult`, saved as the model bundle's metadata.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,110 +35,180 @@ from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from brainmri import CLASS_NAMES
+from brainmri.backbones import get_backbone
+from brainmri.cpu import cpu_budget
 from brainmri.dataset import ImageSet, load_image_set
 from brainmri.model import (
     ModelBundle,
-    available_cpus,
     build_model,
     configure_cpu_threads,
-    get_backbone,
     head_parameters,
     load_pretrained_weights,
     pick_device,
 )
-from components.augment import AugmentConfig
+from brainmri.storage import ObjectStore, fetch, location_exists, publish
+from components.augment import build_transform
+from components.config import AugmentConfig, TrainConfig, from_dict, to_dict
 from components.distributed import DistributedContext
+from components.ingest import recorded_fingerprint
 from components.split import load_split
 
-SCHEDULES = ("onecycle", "cosine")
 CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 # knobs that may differ between a run and its retry without invalidating the checkpoint
 _RUNTIME_FIELDS = ("device", "num_workers", "cpu_threads")
 
 
 @dataclass(frozen=True)
-class TrainConfig:
-    """Every training knob; saved in the model's metadata.
+class TrainRun:
+    """Everything one training needs; every entry point (:func:`train_model`, and
+    ``run_training``, ``launch_distributed_training`` and ``run_replica`` in
+    :mod:`components.train_job`) takes one.
 
-    The defaults are the small demo model (seconds on the generated set); real scans want
-    :data:`REAL_DATA_RECIPE`, which the pipeline uses by default.
+    ``dataset``, ``split_csv`` and ``output`` are local paths, or ``s3://`` URIs where a
+    PyTorchJob replica fetches its inputs and rank 0 publishes the model. ``augment=None``
+    trains without augmentation.
     """
 
-    backbone: str = "tiny_cnn"
-    image_size: int = 64
-    epochs: int = 15  # all epochs, the head-only ones included
-    batch_size: int = 32
-    learning_rate: float = 0.0  # AdamW peak rate; 0 = the backbone's recommended rate
-    weight_decay: float = 1e-4
-    label_smoothing: float = 0.1
-    seed: int = 0
-    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
-    pretrained: bool = True  # start from ImageNet weights where the backbone has them
-    head_epochs: int = 1  # phase 1 (pretrained backbones only): the new head alone; capped at
-    # epochs - 1
-    schedule: str = "onecycle"  # per phase: "onecycle" (warm-up + cosine) or "cosine"
-    patience: int = 5  # epochs without a better val score before stopping (never in the first
-    # half of the whole-network phase, while the one-cycle rate is still high); 0 = never stop
-    num_workers: int = -1  # DataLoader workers; -1 = auto (CPU 0, CUDA min(8, CPUs))
-    cpu_threads: int = 0  # torch threads on a CPU; 0 = every CPU this process may use
-    amp: bool = True  # mixed precision on CUDA (ignored on a CPU)
-    channels_last: bool = True
+    dataset: str
+    split_csv: str
+    output: str
+    train: TrainConfig = field(default_factory=TrainConfig)
+    augment: AugmentConfig | None = field(default_factory=AugmentConfig)
+    checkpoint_uri: str | None = None
 
     def __post_init__(self) -> None:
-        get_backbone(self.backbone)  # unknown names fail here, listing the choices
-        for name in ("image_size", "epochs", "batch_size"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.image_size < 32:
-            raise ValueError(f"image_size={self.image_size} must be >= 32")
-        if self.learning_rate < 0 or self.weight_decay < 0 or self.patience < 0:
-            raise ValueError("learning_rate, weight_decay and patience must be >= 0")
-        if not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"label_smoothing={self.label_smoothing} must be in [0, 1)")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
-        if self.head_epochs < 0:
-            raise ValueError(f"head_epochs={self.head_epochs} must be >= 0")
+        for name in ("dataset", "split_csv", "output"):  # Path in, location string kept
+            object.__setattr__(self, name, str(getattr(self, name)))
 
-    @property
-    def peak_learning_rate(self) -> float:
-        return self.learning_rate or get_backbone(self.backbone).learning_rate
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
 
-    @property
-    def head_only_epochs(self) -> int:
-        """Phase-1 epochs actually run: none when the backbone starts from random weights, and
-        never all of them (at least one whole-network epoch follows)."""
-        pretrained = self.pretrained and get_backbone(self.backbone).has_pretrained_weights
-        return min(self.head_epochs, self.epochs - 1) if pretrained else 0
+    @classmethod
+    def from_json(cls, text: str) -> TrainRun:
+        values = json.loads(text)
+        augment = values.pop("augment", None)
+        return cls(
+            **{**values, "train": from_dict(TrainConfig, values.get("train"))},
+            augment=None if augment is None else from_dict(AugmentConfig, augment),
+        )
 
-
-# Real MRI data, duplicate-free held-out test split of the 5,712-image set: 99.0 % (split seed 0,
-# benchmarks/results/accuracy.json) and 98.3 % (seed 1), 33-36 min on 2 CPU cores.
-# The pipeline's default training recipe.
-REAL_DATA_RECIPE = TrainConfig(backbone="efficientnet_lite0", image_size=192, epochs=14)
+    def at(self, **locations: str) -> TrainRun:
+        """The same run with other locations (``dataset=``, ``split_csv=``, ``output=``)."""
+        return replace(self, **locations)
 
 
 @dataclass
 class TrainResult:
-    """The saved bundle's folder and what each epoch measured."""
+    """What a training run did: saved as the model bundle's metadata, read back with
+    :meth:`from_metadata` (the pipeline's metrics, the model card and the gate read it)."""
 
-    model_dir: Path
+    train_config: dict[str, Any]  # every knob, plus the peak learning rate it resolved to
+    augment: dict[str, Any] | None
+    pretrained_weights: str | None  # where the ImageNet weights came from
+    history: list[dict[str, Any]]  # one row per epoch
     best_val_accuracy: float
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_epoch: int = 0
-    training_seconds: float = 0.0
-    stopped_early: bool = False
-    resumed_from_epoch: int | None = None
+    best_epoch: int
+    stopped_early: bool
+    resumed_from_epoch: int | None
+    training_seconds: float
+    train_images_per_s: float  # steady state (see steady_images_per_s)
+    device: str
+    cpu_threads: int | None
+    dataloader_workers: int
+    torch_version: str
+    world_size: int
+    data: dict[str, Any]  # fingerprints, split sizes and class counts of what it saw
 
-    @property
-    def images_per_s(self) -> float:
-        """Steady-state training throughput: images / seconds over the whole-network epochs,
-        leaving out the first one (warm-up: workers, kernels, allocator) when 3 or more ran."""
-        epochs = [h for h in self.history if h["phase"] == "full"] or self.history
-        epochs = epochs[1:] if len(epochs) >= 3 else epochs
-        seconds = sum(h["train_images"] / h["images_per_s"] for h in epochs)
-        return sum(h["train_images"] for h in epochs) / seconds if seconds else 0.0
+    def metadata(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, Any]) -> TrainResult:
+        return cls(**{f.name: metadata.get(f.name) for f in fields(cls)})
+
+
+def steady_images_per_s(history: list[dict[str, Any]]) -> float:
+    """Images / second over the whole-network epochs, leaving out the first one (warm-up:
+    workers, kernels, allocator) when 3 or more ran."""
+    epochs = [h for h in history if h["phase"] == "full"] or history
+    epochs = epochs[1:] if len(epochs) >= 3 else epochs
+    seconds = sum(h["train_images"] / h["images_per_s"] for h in epochs)
+    return sum(h["train_images"] for h in epochs) / seconds if seconds else 0.0
+
+
+@dataclass
+class TrainState:
+    """Where training is: what a checkpoint holds, and what a resumed run continues from."""
+
+    epoch: int = 0  # the last finished epoch
+    phase: str | None = None  # "head" or "full"
+    finished: bool = False
+    stopped_early: bool = False
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_score: tuple[float, float] = (-1.0, float("-inf"))  # (val accuracy, -val loss)
+    best_epoch: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None
+    stale_epochs: int = 0
+    training_seconds: float = 0.0
+    model: dict[str, Any] | None = None  # the latest weights, and what continues them
+    optimizer: dict[str, Any] | None = None
+    scheduler: dict[str, Any] | None = None
+    scaler: dict[str, Any] | None = None
+
+    def record(self, row: dict[str, Any], model: nn.Module) -> None:
+        """Add an epoch's row; keep ``model``'s weights when they score best so far."""
+        self.history.append(row)
+        self.epoch = row["epoch"]
+        score = (row["val_accuracy"], -row["val_loss"])
+        if score > self.best_score:
+            self.best_score, self.best_epoch, self.stale_epochs = score, row["epoch"], 0
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            self.stale_epochs += 1
+
+    def to_checkpoint(
+        self, identity: dict[str, Any], model: nn.Module, phase: _Phase, runner: _Runner
+    ) -> dict[str, Any]:
+        """This state with the live weights, optimiser, schedule and loss scaler, as saved."""
+        self.model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        self.optimizer = phase.optimizer.state_dict()
+        self.scheduler = phase.scheduler.state_dict()
+        self.scaler = runner.scaler.state_dict()
+        checkpoint = asdict(self) | {"best_score": list(self.best_score)}
+        return checkpoint | {"format": CHECKPOINT_FORMAT, "identity": identity}
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict[str, Any], identity: dict[str, Any]) -> TrainState | None:
+        """The state of a checkpoint of this very run (configuration and split), else None."""
+        if saved.get("format") != CHECKPOINT_FORMAT or saved.get("identity") != identity:
+            return None
+        values = {f.name: saved[f.name] for f in fields(cls)}
+        return cls(**{**values, "best_score": tuple(values["best_score"])})
+
+
+class Checkpoints:
+    """The last :class:`TrainState`, ``last.pt`` under an ``s3://`` prefix or a local folder."""
+
+    def __init__(self, location: str, store: ObjectStore | None = None) -> None:
+        self.location = f"{location.rstrip('/')}/{CHECKPOINT_FILE}"
+        self.store = store
+
+    def __str__(self) -> str:
+        return self.location
+
+    def load(self) -> dict[str, Any] | None:
+        """The saved checkpoint, or None when there is none yet."""
+        if not location_exists(self.location, self.store):
+            return None
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            path = fetch(self.location, Path(tmp) / CHECKPOINT_FILE, self.store)
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+    def save(self, checkpoint: dict[str, Any]) -> None:
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
+            publish(Path(tmp) / CHECKPOINT_FILE, self.location, self.store)
 
 
 class AugmentedImages(TorchDataset):
@@ -144,7 +216,7 @@ class AugmentedImages(TorchDataset):
 
     def __init__(self, data: ImageSet, augment: AugmentConfig | None, image_size: int) -> None:
         self.data = data
-        self.augment = augment.transform(image_size) if augment else None
+        self.augment = build_transform(augment, image_size) if augment else None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -163,76 +235,17 @@ def split_fingerprint(frame: pd.DataFrame) -> str:
     return hashlib.sha256(rows.encode()).hexdigest()
 
 
-def dataset_fingerprint(dataset_dir: Path) -> str | None:
-    """The content fingerprint ingest recorded for ``dataset_dir``, when it did."""
-    try:
-        report = json.loads((Path(dataset_dir) / "ingest_report.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return report.get("fingerprint") if isinstance(report, dict) else None
-
-
 def resolve_workers(config: TrainConfig, device: torch.device) -> int:
     """DataLoader workers: as configured, else 0 on a CPU and min(8, CPUs) with CUDA."""
     if config.num_workers >= 0:
         return config.num_workers
-    return min(8, available_cpus()) if device.type == "cuda" else 0
+    return min(8, cpu_budget()) if device.type == "cuda" else 0
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-class Checkpoints:
-    """The last training state, ``last.pt`` under an ``s3://`` prefix (MinIO) or a local folder."""
-
-    def __init__(self, location: str, store: Any = None) -> None:
-        self.location = location.rstrip("/")
-        self._store = store
-
-    @property
-    def is_s3(self) -> bool:
-        return self.location.startswith("s3://")
-
-    def _s3(self) -> tuple[Any, Any]:
-        from brainmri.storage import ObjectStore, S3Uri
-
-        self._store = self._store or ObjectStore()
-        return self._store, S3Uri.parse(self.location).child(CHECKPOINT_FILE)
-
-    def __str__(self) -> str:
-        return f"{self.location}/{CHECKPOINT_FILE}"
-
-    def load(self) -> dict[str, Any] | None:
-        """The saved state, or None when there is none yet."""
-        if not self.is_s3:
-            path = Path(self.location) / CHECKPOINT_FILE
-            if not path.is_file():
-                return None
-            return torch.load(path, map_location="cpu", weights_only=True)
-        store, uri = self._s3()
-        if not store.bucket_exists(uri.bucket) or not store.exists(uri):
-            return None
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            path = store.download_file(uri, Path(tmp) / CHECKPOINT_FILE)
-            return torch.load(path, map_location="cpu", weights_only=True)
-
-    def save(self, state: dict[str, Any]) -> None:
-        if not self.is_s3:
-            folder = Path(self.location)
-            folder.mkdir(parents=True, exist_ok=True)
-            partial = folder / f"{CHECKPOINT_FILE}.partial"
-            torch.save(state, partial)
-            os.replace(partial, folder / CHECKPOINT_FILE)  # a crash never leaves half a file
-            return
-        store, uri = self._s3()
-        store.ensure_bucket(uri.bucket)
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            path = Path(tmp) / CHECKPOINT_FILE
-            torch.save(state, path)
-            store.upload_file(path, uri)
 
 
 def _phase_optimizer(
@@ -289,7 +302,57 @@ class _Runner:
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
 
 
-def evaluate_loader(model: nn.Module, loader: DataLoader, runner: _Runner) -> tuple[float, float]:
+@dataclass
+class _Phase:
+    """The optimiser, schedule and (DDP-wrapped) network of one fine-tuning phase."""
+
+    name: str
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    network: nn.Module
+
+
+def _start_phase(name: str, s: _Setup, resume: TrainState | None) -> _Phase:
+    """A fresh optimiser and schedule for phase ``name``; continued from ``resume`` when that
+    checkpoint stopped inside this phase."""
+    head_epochs = s.config.head_only_epochs
+    epochs = head_epochs if name == "head" else s.config.epochs - head_epochs
+    optimizer, scheduler = _phase_optimizer(s.model, name, s.config, epochs * len(s.train_loader))
+    if resume is not None and resume.phase == name and resume.optimizer is not None:
+        optimizer.load_state_dict(resume.optimizer)
+        scheduler.load_state_dict(resume.scheduler)
+        if resume.scaler and s.runner.scaler.is_enabled():
+            s.runner.scaler.load_state_dict(resume.scaler)
+    # DDP syncs the parameters that train when it is built: rebuild it per phase
+    return _Phase(name, optimizer, scheduler, s.ctx.wrap(s.model, s.device))
+
+
+def train_one_epoch(
+    phase: _Phase, loader: DataLoader, loss_fn: nn.Module, runner: _Runner, desc: str
+) -> tuple[int, int, float]:
+    """One pass over ``loader`` (a progress bar when ``desc``): images seen, correct, summed
+    loss on this rank."""
+    seen, correct, loss_sum = 0, 0, 0.0
+    bar = tqdm(loader, desc=desc, unit="batch", disable=not desc, leave=False)
+    for images, labels in bar:
+        inputs = runner.inputs(images)
+        labels = labels.to(runner.device, non_blocking=True)
+        with runner.autocast():
+            logits = phase.network(inputs)
+            loss = loss_fn(logits.float(), labels)
+        phase.optimizer.zero_grad(set_to_none=True)
+        runner.scaler.scale(loss).backward()
+        runner.scaler.step(phase.optimizer)
+        runner.scaler.update()
+        phase.scheduler.step()
+        seen += len(labels)
+        loss_sum += loss.item() * len(labels)
+        correct += int((logits.argmax(dim=1) == labels).sum())
+        bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+    return seen, correct, loss_sum
+
+
+def evaluate(model: nn.Module, loader: DataLoader, runner: _Runner) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` over ``loader``."""
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
@@ -303,55 +366,55 @@ def evaluate_loader(model: nn.Module, loader: DataLoader, runner: _Runner) -> tu
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 
-def train_model(
-    dataset_dir: Path,
-    split_csv: Path,
-    out_dir: Path,
-    config: TrainConfig,
-    augment: AugmentConfig | None = None,
-    progress: bool = True,
-    checkpoint_uri: str | None = None,
-    store: Any = None,
-) -> TrainResult:
-    """Train on the ``train`` rows of ``split_csv``, select on ``val``, save a model bundle.
+@dataclass
+class _Setup:
+    """What :func:`train_model` builds before its first epoch."""
 
-    ``checkpoint_uri``: where to save the state after every epoch and resume from when it
-    already holds a checkpoint of this very configuration and split (``s3://bucket/prefix``
-    through :class:`brainmri.storage.ObjectStore`, optionally ``store``, or a local folder).
-    """
-    started = time.perf_counter()
-    spec = get_backbone(config.backbone)
+    config: TrainConfig
+    ctx: DistributedContext
+    device: torch.device
+    threads: int
+    frame: pd.DataFrame
+    train_loader: DataLoader
+    val_loader: DataLoader
+    workers: int
+    generator: torch.Generator
+    runner: _Runner
+    model: nn.Module
+    weights_source: str | None
+    identity: dict[str, Any]
+
+
+def _set_up(run: TrainRun) -> _Setup:
+    """Processes, device and threads; the decoded train and val images and their loaders; the
+    network (with its ImageNet weights); and the identity a checkpoint must match."""
+    config = run.train
     ctx = DistributedContext.from_env()  # one process unless torchrun / a PyTorchJob set ranks
     device = ctx.device(pick_device(config.device))
     ctx.start(device)
-    progress = progress and ctx.is_main
     threads = configure_cpu_threads(config.cpu_threads or None) if device.type == "cpu" else 0
     # cudnn.benchmark stays off: autotuning every conv shape (train, last batch, validation)
     # cost about a minute on an H200, more than a short fine-tuning run saves with it
     seed_everything(config.seed)
-    class_names = list(CLASS_NAMES)
-    preprocess = spec.preprocess(config.image_size)
-    frame = load_split(split_csv)
-    fingerprint = split_fingerprint(frame)
+    preprocess = get_backbone(config.backbone).preprocess(config.image_size)
+    frame = load_split(Path(run.split_csv))
     sets = {
         name: load_image_set(
-            dataset_dir,
+            Path(run.dataset),
             frame[frame["split"] == name],
-            class_names,
+            list(CLASS_NAMES),
             preprocess,
             desc=f"decode {name}",
-            workers=max(4, available_cpus()),
+            workers=max(4, cpu_budget()),
         )
         for name in ("train", "val")
     }
     if len(sets["train"]) == 0 or len(sets["val"]) == 0:
-        raise ValueError(f"{split_csv}: the train and val splits must both hold images")
-
-    workers = resolve_workers(config, device)
-    generator = torch.Generator()
+        raise ValueError(f"{run.split_csv}: the train and val splits must both hold images")
+    workers, generator = resolve_workers(config, device), torch.Generator()
 
     def loader(data: ImageSet, train: bool) -> DataLoader:
-        dataset = AugmentedImages(data, augment if train else None, config.image_size)
+        dataset = AugmentedImages(data, run.augment if train else None, config.image_size)
         sampler = ctx.sampler(dataset, shuffle=True, seed=config.seed) if train else None
         return DataLoader(
             dataset,
@@ -365,189 +428,159 @@ def train_model(
             generator=generator,
         )
 
-    train_loader, val_loader = loader(sets["train"], True), loader(sets["val"], False)
     runner = _Runner(config, device, preprocess.normalize())
-    model = build_model(config.backbone, len(class_names))
+    model = build_model(config.backbone, len(CLASS_NAMES))
     weights_source = load_pretrained_weights(model, config.backbone) if config.pretrained else None
     model.to(device, memory_format=runner.memory_format)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-
-    head_epochs = config.head_only_epochs
-    phase_epochs = {"head": head_epochs, "full": config.epochs - head_epochs}
     identity = {
-        "config": {k: v for k, v in asdict(config).items() if k not in _RUNTIME_FIELDS},
-        "augment": augment.to_dict() if augment else None,
-        "split_fingerprint": fingerprint,
-        "class_names": class_names,
+        "config": {k: v for k, v in to_dict(config).items() if k not in _RUNTIME_FIELDS},
+        "augment": to_dict(run.augment) if run.augment else None,
+        "split_fingerprint": split_fingerprint(frame),
+        "class_names": list(CLASS_NAMES),
     }
-    checkpoints = Checkpoints(checkpoint_uri, store) if checkpoint_uri else None
-    saved = checkpoints.load() if checkpoints else None
-    if saved is not None and (
-        saved.get("format") != CHECKPOINT_FORMAT or saved.get("identity") != identity
-    ):
-        print(f"checkpoint {checkpoints} belongs to another configuration or split; starting anew")
-        saved = None
-
-    history: list[dict[str, Any]] = []
-    best = {"key": (-1.0, float("-inf")), "epoch": 0, "state": None}
-    stale, start_epoch, finished, elapsed_before = 0, 1, False, 0.0
-    resumed_from = None
-    if saved is not None:
-        model.load_state_dict(saved["model"])
-        history, best, stale = saved["history"], saved["best"], saved["stale_epochs"]
-        best["key"] = tuple(best["key"])
-        start_epoch, finished = saved["epoch"] + 1, saved["finished"]
-        elapsed_before = saved["training_seconds"]
-        resumed_from = saved["epoch"]
-        print(f"resuming from {checkpoints}: epoch {saved['epoch']} of {config.epochs} done")
-
-    phase, optimizer, scheduler = None, None, None
-    stopped_early = bool(saved and saved.get("stopped_early"))
-    for epoch in range(start_epoch, config.epochs + 1):
-        if finished:
-            break
-        epoch_phase = "head" if epoch <= head_epochs else "full"
-        if epoch_phase != phase:
-            steps = phase_epochs[epoch_phase] * len(train_loader)
-            optimizer, scheduler = _phase_optimizer(model, epoch_phase, config, steps)
-            # DDP syncs the parameters that train when it is built: rebuild it per phase
-            network = ctx.wrap(model, device)
-            if saved is not None and epoch == start_epoch and saved["phase"] == epoch_phase:
-                optimizer.load_state_dict(saved["optimizer"])
-                scheduler.load_state_dict(saved["scheduler"])
-                if saved["scaler"] and runner.scaler.is_enabled():
-                    runner.scaler.load_state_dict(saved["scaler"])
-            elif phase is not None:
-                stale = 0  # a new phase gets its own patience
-            phase = epoch_phase
-        seed_everything(config.seed * 10_000 + epoch)  # same shuffle and augmentation on resume
-        generator.manual_seed(config.seed * 10_000 + epoch)
-        if isinstance(train_loader.sampler, DistributedSampler):
-            train_loader.sampler.set_epoch(epoch)
-        _set_mode(model, phase, config.backbone)
-        epoch_started, seen, correct, loss_sum = time.perf_counter(), 0, 0, 0.0
-        bar = tqdm(
-            train_loader,
-            desc=f"epoch {epoch}/{config.epochs} ({phase})",
-            unit="batch",
-            disable=not progress,
-            leave=False,
-        )
-        for images, labels in bar:
-            inputs = runner.inputs(images)
-            labels = labels.to(device, non_blocking=True)
-            with runner.autocast():
-                logits = network(inputs)
-                loss = loss_fn(logits.float(), labels)
-            optimizer.zero_grad(set_to_none=True)
-            runner.scaler.scale(loss).backward()
-            runner.scaler.step(optimizer)
-            runner.scaler.update()
-            scheduler.step()
-            seen += len(labels)
-            loss_sum += loss.item() * len(labels)
-            correct += int((logits.argmax(dim=1) == labels).sum())
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        train_seconds = time.perf_counter() - epoch_started
-        totals = ctx.sum([seen, correct, loss_sum])  # over every rank's shard
-        seen, correct, loss_sum = int(totals[0]), int(totals[1]), float(totals[2])
-        # every rank scores the whole val split with the same weights: same early-stop decision
-        val_accuracy, val_loss = evaluate_loader(model, val_loader, runner)
-        history.append(
-            {
-                "epoch": epoch,
-                "phase": phase,
-                "learning_rate": scheduler.get_last_lr()[0],
-                "train_loss": loss_sum / seen,
-                "train_accuracy": correct / seen,
-                "val_loss": val_loss,
-                "val_accuracy": val_accuracy,
-                "train_images": seen,
-                "images_per_s": seen / train_seconds,
-                "epoch_seconds": time.perf_counter() - epoch_started,
-            }
-        )
-        print(json.dumps(history[-1]), flush=True)
-        key = (val_accuracy, -val_loss)
-        if key > best["key"]:
-            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            best, stale = {"key": key, "epoch": epoch, "state": state}, 0
-        else:
-            stale += 1
-        stopped_early = (
-            phase == "full"
-            and config.patience > 0
-            and stale >= config.patience
-            and epoch - head_epochs >= (phase_epochs["full"] + 1) // 2
-        )
-        finished = stopped_early or epoch == config.epochs
-        if stopped_early:
-            print(f"early stop: {stale} epochs without a better val score (best: {best['epoch']})")
-        if checkpoints is not None and ctx.is_main:
-            checkpoints.save(
-                {
-                    "format": CHECKPOINT_FORMAT,
-                    "identity": identity,
-                    "epoch": epoch,
-                    "phase": phase,
-                    "finished": finished,
-                    "stopped_early": stopped_early,
-                    "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": runner.scaler.state_dict(),
-                    "best": {**best, "key": list(best["key"])},
-                    "stale_epochs": stale,
-                    "history": history,
-                    "training_seconds": elapsed_before + time.perf_counter() - started,
-                }
-            )
-
-    model.load_state_dict(best["state"])
-    training_seconds = elapsed_before + time.perf_counter() - started
-    result = TrainResult(
-        Path(out_dir),
-        best_val_accuracy=best["key"][0],
-        history=history,
-        best_epoch=best["epoch"],
-        training_seconds=training_seconds,
-        stopped_early=stopped_early,
-        resumed_from_epoch=resumed_from,
+    train_loader, val_loader = loader(sets["train"], True), loader(sets["val"], False)
+    return _Setup(
+        config,
+        ctx,
+        device,
+        threads,
+        frame,
+        train_loader,
+        val_loader,
+        workers,
+        generator,
+        runner,
+        model,
+        weights_source,
+        identity,
     )
-    counts = frame.groupby(["split", "label"]).size().unstack(fill_value=0)
-    bundle = ModelBundle(
-        model.to("cpu", memory_format=torch.contiguous_format).eval(),
-        config.backbone,
-        class_names,
-        preprocess,
-        {
-            "train_config": {**asdict(config), "peak_learning_rate": config.peak_learning_rate},
-            "augment": augment.to_dict() if augment else None,
-            "pretrained_weights": weights_source,
-            "history": history,
-            "best_val_accuracy": result.best_val_accuracy,
-            "best_epoch": result.best_epoch,
-            "stopped_early": stopped_early,
-            "resumed_from_epoch": resumed_from,
-            "training_seconds": training_seconds,
-            "train_images_per_s": result.images_per_s,
-            "device": str(device),
-            "cpu_threads": threads or None,
-            "dataloader_workers": workers,
-            "torch_version": torch.__version__,
-            "world_size": ctx.world_size,
-            "data": {
-                "dataset_fingerprint": dataset_fingerprint(dataset_dir),
-                "split_fingerprint": fingerprint,
-                "split_sizes": {s: int(n) for s, n in frame["split"].value_counts().items()},
-                "class_counts": {
-                    s: {c: int(n) for c, n in counts.loc[s].items()} for s in counts.index
-                },
+
+
+def _resume(checkpoints: Checkpoints | None, s: _Setup) -> TrainState | None:
+    """The checkpointed state of this very run, its weights loaded into the model; else None."""
+    saved = checkpoints.load() if checkpoints else None
+    if saved is None:
+        return None
+    resume = TrainState.from_checkpoint(saved, s.identity)
+    if resume is None:
+        print(f"checkpoint {checkpoints} belongs to another configuration or split; starting anew")
+        return None
+    s.model.load_state_dict(resume.model)
+    print(f"resuming from {checkpoints}: epoch {resume.epoch} of {s.config.epochs} done")
+    return resume
+
+
+def _stops_early(state: TrainState, config: TrainConfig, phase: str) -> bool:
+    """Patience ran out in the whole-network phase, past its first half (while the one-cycle
+    rate is still high, a worse epoch is expected)."""
+    whole_epochs = config.epochs - config.head_only_epochs
+    return (
+        phase == "full"
+        and config.patience > 0
+        and state.stale_epochs >= config.patience
+        and state.epoch - config.head_only_epochs >= (whole_epochs + 1) // 2
+    )
+
+
+def train_model(
+    run: TrainRun, progress: bool = True, store: ObjectStore | None = None
+) -> TrainResult:
+    """Train on the ``train`` rows of the split, select on ``val``, save the bundle to
+    ``run.output`` (a local folder); resumes from ``run.checkpoint_uri`` when it holds a
+    checkpoint of this very configuration and split (through ``store`` for ``s3://``)."""
+    started, config, s = time.perf_counter(), run.train, _set_up(run)
+    checkpoints = Checkpoints(run.checkpoint_uri, store) if run.checkpoint_uri else None
+    resume = _resume(checkpoints, s)
+    state = resume or TrainState()
+    resumed_from, elapsed_before = (resume.epoch if resume else None), state.training_seconds
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    phase: _Phase | None = None
+    for epoch in range(state.epoch + 1, config.epochs + 1):
+        if state.finished:
+            break
+        name = "head" if epoch <= config.head_only_epochs else "full"
+        if phase is None or phase.name != name:
+            if phase is not None:
+                state.stale_epochs = 0  # a new phase gets its own patience
+            phase = _start_phase(name, s, resume if phase is None else None)
+        epoch_started = time.perf_counter()
+        seed_everything(config.seed * 10_000 + epoch)  # same shuffle and augmentation on resume
+        s.generator.manual_seed(config.seed * 10_000 + epoch)
+        if isinstance(s.train_loader.sampler, DistributedSampler):
+            s.train_loader.sampler.set_epoch(epoch)
+        _set_mode(s.model, name, config.backbone)
+        desc = f"epoch {epoch}/{config.epochs} ({name})" if progress and s.ctx.is_main else ""
+        # summed over every rank's shard
+        seen, correct, loss_sum = s.ctx.sum(
+            list(train_one_epoch(phase, s.train_loader, loss_fn, s.runner, desc))
+        )
+        train_seconds = time.perf_counter() - epoch_started
+        # every rank scores the whole val split with the same weights: same early-stop decision
+        val_accuracy, val_loss = evaluate(s.model, s.val_loader, s.runner)
+        row = {
+            "epoch": epoch,
+            "phase": name,
+            "learning_rate": phase.scheduler.get_last_lr()[0],
+            "train_loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "val_loss": val_loss,
+            "val_accuracy": val_accuracy,
+            "train_images": int(seen),
+            "images_per_s": seen / train_seconds,
+            "epoch_seconds": time.perf_counter() - epoch_started,
+        }
+        state.phase = name
+        state.record(row, s.model)
+        print(json.dumps(row), flush=True)
+        state.stopped_early = _stops_early(state, config, name)
+        state.finished = state.stopped_early or epoch == config.epochs
+        if state.stopped_early:
+            print(
+                f"early stop: {state.stale_epochs} epochs without a better val score "
+                f"(best: {state.best_epoch})"
+            )
+        state.training_seconds = elapsed_before + time.perf_counter() - started
+        if checkpoints is not None and s.ctx.is_main:
+            checkpoints.save(state.to_checkpoint(s.identity, s.model, phase, s.runner))
+    state.training_seconds = elapsed_before + time.perf_counter() - started
+    return _finish(run, s, state, resumed_from)
+
+
+def _finish(run: TrainRun, s: _Setup, state: TrainState, resumed_from: int | None) -> TrainResult:
+    """Load the best weights, build the :class:`TrainResult` and save the bundle (rank 0)."""
+    s.model.load_state_dict(state.best_weights)
+    counts = s.frame.groupby(["split", "label"]).size().unstack(fill_value=0)
+    config = run.train
+    result = TrainResult(
+        train_config={**to_dict(config), "peak_learning_rate": config.peak_learning_rate},
+        augment=to_dict(run.augment) if run.augment else None,
+        pretrained_weights=s.weights_source,
+        history=state.history,
+        best_val_accuracy=state.best_score[0],
+        best_epoch=state.best_epoch,
+        stopped_early=state.stopped_early,
+        resumed_from_epoch=resumed_from,
+        training_seconds=state.training_seconds,
+        train_images_per_s=steady_images_per_s(state.history),
+        device=str(s.device),
+        cpu_threads=s.threads or None,
+        dataloader_workers=s.workers,
+        torch_version=torch.__version__,
+        world_size=s.ctx.world_size,
+        data={
+            "dataset_fingerprint": recorded_fingerprint(Path(run.dataset)),
+            "split_fingerprint": s.identity["split_fingerprint"],
+            "split_sizes": {k: int(n) for k, n in s.frame["split"].value_counts().items()},
+            "class_counts": {
+                split: {c: int(n) for c, n in counts.loc[split].items()} for split in counts.index
             },
         },
     )
-    if ctx.is_main:
-        bundle.save(out_dir)
-    ctx.barrier()
-    ctx.stop()
+    preprocess = get_backbone(config.backbone).preprocess(config.image_size)
+    model = s.model.to("cpu", memory_format=torch.contiguous_format).eval()
+    bundle = ModelBundle(model, config.backbone, list(CLASS_NAMES), preprocess, result.metadata())
+    if s.ctx.is_main:
+        bundle.save(Path(run.output))
+    s.ctx.barrier()
+    s.ctx.stop()
     return result

@@ -2,32 +2,43 @@
 
 When the pipeline's ``workers`` parameter is above 1, the train step stages its inputs in object
 storage, creates a PyTorchJob of ``workers`` replicas (one Master, the rest Workers) that each
-run ``python -m components.train_job`` under DDP, waits for it, and fetches the model that rank 0
-uploaded. The same entry point runs here under ``torchrun`` for tests.
+run ``python -m components.train_job --train-run <TrainRun as JSON>`` under DDP, waits for it,
+and fetches the model that rank 0 published. The same entry point runs here under
+``torchrun`` for tests.
 """
+
+from __future__ import annotations
 
 import argparse
 import copy
-import json
 import tempfile
-import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from kubernetes import client
-from kubernetes.client.exceptions import ApiException
 
-from brainmri.model import METADATA_FILE
-from brainmri.storage import ObjectStore, S3Uri, is_s3_uri
-from components.augment import AugmentConfig
+from brainmri.kube import (
+    PENDING,
+    TIMEOUT,
+    AlreadyExists,
+    CustomResource,
+    Progress,
+    cluster_api_client,
+    poll,
+)
+from brainmri.model import ModelBundle
+from brainmri.storage import ObjectStore, S3Uri, fetch, is_s3_uri, publish
 from components.distributed import DistributedContext
-from components.train import TrainConfig, train_model
+from components.train import TrainResult, TrainRun, train_model
 
-GROUP, VERSION, PLURAL, KIND = "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob"
+PYTORCH_JOBS = CustomResource(
+    "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob", "the Kubeflow training operator"
+)
 CONTAINER_NAME = "pytorch"  # the operator requires this container name
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+DEFAULT_JOB_TIMEOUT_S = 6 * 3600.0
 
 
 class TrainingJobError(RuntimeError):
@@ -88,8 +99,8 @@ def render_pytorch_job(spec: TrainingJobSpec) -> dict[str, Any]:
         }
 
     return {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": KIND,
+        "apiVersion": PYTORCH_JOBS.api_version,
+        "kind": PYTORCH_JOBS.kind,
         "metadata": {"name": spec.name, "namespace": spec.namespace},
         "spec": {
             "runPolicy": {"cleanPodPolicy": "None", "backoffLimit": 2},
@@ -98,199 +109,128 @@ def render_pytorch_job(spec: TrainingJobSpec) -> dict[str, Any]:
     }
 
 
-def job_state(job: dict[str, Any]) -> tuple[str | None, str]:
-    """``("Succeeded" | "Failed" | None, message)`` from the job's status conditions."""
+def job_state(job: dict[str, Any]) -> Progress:
+    """``Succeeded``, ``Failed`` or pending, with the operator's message, from the job's status
+    conditions."""
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("type") in ("Succeeded", "Failed") and condition.get("status") == "True":
-            return condition["type"], condition.get("message", "")
-    return None, ""
+            return Progress(condition["type"], condition.get("message", ""))
+    return Progress(PENDING, "")
 
 
 def run_pytorch_job(
     manifest: dict[str, Any],
     api_client: client.ApiClient,
-    timeout_s: float = 6 * 3600,
+    timeout_s: float = DEFAULT_JOB_TIMEOUT_S,
     poll_s: float = 10.0,
 ) -> str:
-    """Create the job and wait until it succeeds; raise :class:`TrainingJobError` otherwise."""
-    api = client.CustomObjectsApi(api_client)
+    """Create the job and wait until it succeeds; raise :class:`TrainingJobError` otherwise.
+    An API error while waiting does not end the wait (:func:`brainmri.kube.poll`)."""
     name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
-    where = f"PyTorchJob {namespace}/{name}"
+    where = PYTORCH_JOBS.describe(namespace, name)
     try:
-        api.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, manifest, _request_timeout=(5, 30)
-        )
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            job = api.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=(5, 30)
-            )
-            state, message = job_state(job)
-            if state == "Succeeded":
-                return message or "succeeded"
-            if state == "Failed":
-                raise TrainingJobError(
-                    f"{where} failed: {message or 'no message'}; see "
-                    f"`kubectl -n {namespace} logs -l "
-                    f"training.kubeflow.org/job-name={name}`"
-                )
-            time.sleep(poll_s)
-    except ApiException as err:
+        PYTORCH_JOBS.create(api_client, manifest)
+    except AlreadyExists as err:
         raise TrainingJobError(
-            f"{where}: Kubernetes API answered {err.status} {err.reason}; "
-            "is the Kubeflow training operator installed and may the "
-            "pipeline's ServiceAccount create pytorchjobs?"
+            f"{where} already exists: delete it (kubectl -n {namespace} delete pytorchjob "
+            f"{name}) or start a new run"
         ) from err
-    raise TrainingJobError(f"{where} did not finish within {timeout_s:.0f} s")
+
+    def look() -> Progress:
+        job = PYTORCH_JOBS.get(api_client, namespace, name)
+        return job_state(job) if job is not None else Progress("Failed", "the job was deleted")
+
+    outcome = poll(look, timeout_s=timeout_s, interval_s=poll_s)
+    if outcome.state == "Succeeded":
+        return outcome.detail or "succeeded"
+    if outcome.state == TIMEOUT:
+        raise TrainingJobError(f"{where} did not finish within {timeout_s:.0f} s")
+    raise TrainingJobError(
+        f"{where} failed: {outcome.detail or 'no message'}; see "
+        f"`kubectl -n {namespace} logs -l training.kubeflow.org/job-name={name}`"
+    )
 
 
-def _fetch(location: str, local: Path, store: ObjectStore | None) -> Path:
-    """A local path for ``location`` (downloading an ``s3://`` folder or file)."""
-    if not is_s3_uri(location):
-        return Path(location)
-    store = store or ObjectStore()
-    uri = S3Uri.parse(location)
-    if store.exists(uri):
-        return store.download_file(uri, local)
-    store.download_dir(uri, local, progress=False)
-    return local
-
-
-def run_replica(
-    dataset: str,
-    split_csv: str,
-    augment: str,
-    output: str,
-    config: TrainConfig,
-    store: ObjectStore | None = None,
-) -> None:
-    """One replica: fetch inputs, train under DDP, and (rank 0) publish the model."""
+def run_replica(run: TrainRun, store: ObjectStore | None = None) -> None:
+    """One replica: fetch the inputs, train under DDP, and (rank 0) publish the model."""
     ctx = DistributedContext.from_env()
     with tempfile.TemporaryDirectory(prefix=f"rank{ctx.rank}-") as work:
         work_dir = Path(work)
-        dataset_dir = _fetch(dataset, work_dir / "dataset", store)
-        split_path = _fetch(split_csv, work_dir / "split.csv", store)
-        augment_path = _fetch(augment, work_dir / "augment.json", store)
-        model_dir = work_dir / "model" if is_s3_uri(output) else Path(output)
-        train_model(
-            dataset_dir,
-            split_path,
-            model_dir,
-            config,
-            AugmentConfig.load(augment_path),
-            progress=ctx.is_main,
+        local = run.at(
+            dataset=str(fetch(run.dataset, work_dir / "dataset", store)),
+            split_csv=str(fetch(run.split_csv, work_dir / "split.csv", store)),
+            output=str(work_dir / "model") if is_s3_uri(run.output) else run.output,
         )
-        if ctx.is_main and is_s3_uri(output):
-            (store or ObjectStore()).upload_dir(model_dir, S3Uri.parse(output), progress=False)
+        train_model(local, progress=ctx.is_main)
+        if ctx.is_main and local.output != run.output:
+            publish(Path(local.output), run.output, store)
 
 
 def launch_distributed_training(
-    dataset_dir: Path,
-    split_csv: Path,
-    augment_json: Path,
-    model_dir: Path,
-    config: TrainConfig,
+    run: TrainRun,
     job: TrainingJobSpec,
     staging: S3Uri,
     api_client: client.ApiClient,
     store: ObjectStore | None = None,
-    timeout_s: float = 6 * 3600,
+    timeout_s: float = DEFAULT_JOB_TIMEOUT_S,
     poll_s: float = 10.0,
 ) -> dict[str, Any]:
-    """Stage the inputs under ``staging``, run the PyTorchJob, fetch the model into ``model_dir``.
-
-    ``job.args`` is filled in here; returns the rendered manifest (for the step's artifacts).
-    """
+    """Stage ``run``'s inputs under ``staging``, run the PyTorchJob, fetch the model into
+    ``run.output``. ``job.args`` is filled in here; returns the rendered manifest (for the
+    step's artifacts)."""
     store = store or ObjectStore()
-    store.upload_dir(dataset_dir, staging.child("dataset"), progress=False)
-    store.upload_file(split_csv, staging.child("split.csv"))
-    store.upload_file(augment_json, staging.child("augment.json"))
-    args = [
-        "--dataset",
-        str(staging.child("dataset")),
-        "--split",
-        str(staging.child("split.csv")),
-        "--augment",
-        str(staging.child("augment.json")),
-        "--output",
-        str(staging.child("model")),
-        "--config",
-        json.dumps(asdict(config)),
-    ]
-    manifest = render_pytorch_job(replace(job, args=args))
+    staged = run.at(
+        dataset=str(staging.child("dataset")),
+        split_csv=str(staging.child("split.csv")),
+        output=str(staging.child("model")),
+    )
+    publish(Path(run.dataset), staged.dataset, store)
+    publish(Path(run.split_csv), staged.split_csv, store)
+    manifest = render_pytorch_job(replace(job, args=["--train-run", staged.to_json()]))
     print(f"running PyTorchJob {job.namespace}/{job.name} with {job.workers} replicas")
     run_pytorch_job(manifest, api_client, timeout_s, poll_s)
-    store.download_dir(staging.child("model"), model_dir, progress=False)
+    fetch(staged.output, Path(run.output), store)
     return manifest
 
 
 def run_training(
-    dataset_dir: Path,
-    split_csv: Path,
-    augment_json: Path,
-    model_dir: Path,
-    config: TrainConfig,
+    run: TrainRun,
     *,
-    checkpoint_uri: str | None = None,
     workers: int = 1,
     namespace: str = "brain-mri",
     run_id: str = "local",
     models_bucket: str = "models",
-) -> dict[str, Any]:
+) -> TrainResult:
     """The train step: in this process (``workers <= 1``) or as a PyTorchJob of ``workers``
-    replicas. Returns the saved bundle's metadata."""
+    replicas, its inputs staged under ``s3://<models_bucket>/staging/<run_id>``."""
     if workers <= 1:
-        train_model(
-            dataset_dir,
-            split_csv,
-            model_dir,
-            config,
-            AugmentConfig.load(augment_json),
-            checkpoint_uri=checkpoint_uri,
-        )
-    else:
-        from brainmri.inference_service import cluster_api_client
-        from components import COMPONENT_IMAGE
+        return train_model(run)
+    from components import COMPONENT_IMAGE
 
-        api_client = cluster_api_client()
-        if api_client is None:
-            raise TrainingJobError(
-                f"workers={workers} runs a PyTorchJob, which needs a "
-                "Kubernetes cluster; no cluster is configured here (use "
-                "workers=1 to train in this process)"
-            )
-        job = TrainingJobSpec(
-            name=f"brain-mri-train-{run_id}"[:63].rstrip("-").lower(),
-            namespace=namespace,
-            image=COMPONENT_IMAGE,
-            workers=workers,
-            args=[],
-            gpus_per_worker=1 if torch.cuda.is_available() else 0,
+    api_client = cluster_api_client()
+    if api_client is None:
+        raise TrainingJobError(
+            f"workers={workers} runs a PyTorchJob, which needs a Kubernetes cluster; no cluster "
+            "is configured here (use workers=1 to train in this process)"
         )
-        launch_distributed_training(
-            dataset_dir,
-            split_csv,
-            augment_json,
-            model_dir,
-            config,
-            job,
-            S3Uri(models_bucket, f"staging/{run_id}"),
-            api_client,
-        )
-    return json.loads((Path(model_dir) / METADATA_FILE).read_text())["metadata"]
+    job = TrainingJobSpec(
+        name=f"brain-mri-train-{run_id}"[:63].rstrip("-").lower(),
+        namespace=namespace,
+        image=COMPONENT_IMAGE,
+        workers=workers,
+        args=[],
+        gpus_per_worker=1 if torch.cuda.is_available() else 0,
+    )
+    launch_distributed_training(run, job, S3Uri(models_bucket, f"staging/{run_id}"), api_client)
+    return TrainResult.from_metadata(ModelBundle.read_metadata(Path(run.output)))
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One replica of a distributed training job.")
-    parser.add_argument("--dataset", required=True, help="dataset folder or s3:// prefix")
-    parser.add_argument("--split", required=True, help="split manifest CSV (path or s3://)")
-    parser.add_argument("--augment", required=True, help="augment config JSON (path or s3://)")
-    parser.add_argument("--output", required=True, help="where rank 0 writes the model")
-    parser.add_argument("--config", default="{}", help="TrainConfig fields as JSON")
-    args = parser.parse_args(argv)
-    run_replica(
-        args.dataset, args.split, args.augment, args.output, TrainConfig(**json.loads(args.config))
+    parser.add_argument(
+        "--train-run", required=True, help="the TrainRun as JSON (locations may be s3:// URIs)"
     )
+    run_replica(TrainRun.from_json(parser.parse_args(argv).train_run))
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""Command line: ``python -m pipelines compile|local|upload|run|schedule|list ...``.
+"""Command line: ``python -m pipelines compile|local|upload|run|schedule ...``.
 
 compile   write the pipeline YAML (cluster options as flags: --gpu, --image, --s3-secret, ...)
 local     run the whole DAG in this Python environment with kfp.local
 upload    compile and upload as a new version of the pipeline on a KFP server
 run       compile and start one run on a KFP server with the given parameters; prints its URL
 schedule  a recurring run (cron) of the latest uploaded version, with the new-data check on
-list      pipelines, versions, runs or schedules on a KFP server
+          (what the kfp CLI and kfp.Client cannot do: kubeflow/pipelines#11441)
 
 Server commands read --host/--token/--namespace or KFP_HOST (or KF_PIPELINES_ENDPOINT),
-KFP_TOKEN (or KFP_TOKEN_FILE) and KFP_NAMESPACE.
+KFP_TOKEN (or KFP_TOKEN_FILE) and KFP_NAMESPACE. To see what a server holds, use the kfp CLI
+that comes with kfp: ``kfp --endpoint $KFP_HOST pipeline list`` (or ``run list``,
+``recurring-run list``).
+
+Every pipeline parameter is a flag; the ``train`` and ``augment`` parameters are one flag per
+knob (``--epochs 20``, ``--gamma 0``), derived from TrainConfig and AugmentConfig.
 """
 
 from __future__ import annotations
@@ -17,18 +22,20 @@ import argparse
 import contextlib
 import inspect
 import json
+import re
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from components.config import AugmentConfig, TrainConfig, add_flags, parse_bool, pop_flags, to_dict
 from pipelines.cluster import (
     ClusterOptions,
-    Resources,
-    parse_key_values,
-    parse_toleration,
+    add_cluster_flags,
+    cluster_flags_given,
+    options_from_flags,
 )
 from pipelines.pipeline import PIPELINE_NAME, brain_mri_pipeline, build_pipeline
 
@@ -36,6 +43,8 @@ DEFAULT_YAML = Path(__file__).with_name("brain_mri_pipeline.yaml")
 DEFAULT_EXPERIMENT = "brain-mri"
 DEFAULT_SCHEDULE_NAME = f"{PIPELINE_NAME}-retrain"
 DEFAULT_SERVICE_ACCOUNT = "pipeline-runner"  # manifests/base/rbac.yaml
+# the pipeline parameters that are JSON objects, and the dataclass whose fields they hold
+CONFIG_PARAMETERS: dict[str, Any] = {"train": TrainConfig(), "augment": AugmentConfig()}
 
 
 def compile_pipeline(output: Path = DEFAULT_YAML, options: ClusterOptions | None = None) -> Path:
@@ -45,7 +54,26 @@ def compile_pipeline(output: Path = DEFAULT_YAML, options: ClusterOptions | None
     output.parent.mkdir(parents=True, exist_ok=True)
     pipeline = brain_mri_pipeline if options is None else build_pipeline(options)
     compiler.Compiler().compile(pipeline, str(output))
+    output.write_text(_stable_header(output.read_text()))
     return output
+
+
+def _stable_header(text: str) -> str:
+    """The compiled YAML with its header comment's object defaults in sorted key order.
+
+    kfp writes a ``dict`` parameter's default into the ``# Inputs:`` comment in protobuf map
+    order, which changes from one process to the next; sorted, the same pipeline compiles to
+    the same bytes (the committed YAML is compared with a fresh compile).
+    """
+    import yaml
+
+    parameters = next(yaml.safe_load_all(text))["root"]["inputDefinitions"]["parameters"]
+
+    def sorted_default(match: re.Match[str]) -> str:
+        default = dict(sorted(parameters[match["name"]]["defaultValue"].items()))
+        return f"#    {match['name']}: dict [Default: {default}]"
+
+    return re.sub(r"^#    (?P<name>\w+): dict \[Default: .*\]$", sorted_default, text, flags=re.M)
 
 
 def run_local(arguments: dict, pipeline_root: Path = Path("local_outputs")) -> None:
@@ -59,20 +87,12 @@ def run_local(arguments: dict, pipeline_root: Path = Path("local_outputs")) -> N
     build_pipeline(ClusterOptions.for_local())(**arguments)
 
 
-# -- flags ----------------------------------------------------------------------------------------
+# -- pipeline parameters as flags -----------------------------------------------------------------
 
 
-def _parse_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
-def _parameter_args(parser: argparse.ArgumentParser, only_given: bool = False) -> None:
-    """One ``--flag`` per pipeline parameter, typed from the pipeline signature.
+def add_parameter_flags(parser: argparse.ArgumentParser, only_given: bool = False) -> None:
+    """One ``--flag`` per pipeline parameter, typed from the pipeline signature, and one per knob
+    of the ``train`` / ``augment`` objects.
 
     ``only_given``: optional parameters left out of the command line stay out of the result (a
     server run then uses the pipeline's own defaults).
@@ -80,8 +100,10 @@ def _parameter_args(parser: argparse.ArgumentParser, only_given: bool = False) -
     group = parser.add_argument_group("pipeline parameters")
     signature = inspect.signature(brain_mri_pipeline.pipeline_func)
     for name, param in signature.parameters.items():
+        if name in CONFIG_PARAMETERS:
+            continue
         required = param.default is inspect.Parameter.empty
-        kind = _parse_bool if param.annotation in (bool, "bool") else param.annotation
+        kind = parse_bool if param.annotation is bool else param.annotation
         default = argparse.SUPPRESS if only_given else None if required else param.default
         group.add_argument(
             f"--{name.replace('_', '-')}",
@@ -92,136 +114,19 @@ def _parameter_args(parser: argparse.ArgumentParser, only_given: bool = False) -
             metavar=getattr(kind, "__name__", "VALUE").upper().lstrip("_"),
             help=None if required else f"default: {param.default}",
         )
+    for name, base in CONFIG_PARAMETERS.items():
+        add_flags(parser, base, f"the `{name}` parameter, one flag per key")
 
 
-_CLUSTER_FLAGS = {
-    "image",
-    "default_serving_image",
-    "image_pull_policy",
-    "gpu",
-    "accelerator_type",
-    "accelerator_limit",
-    "node_selector",
-    "toleration",
-    "retries",
-    "retry_backoff",
-    "s3_secret",
-    "s3_endpoint",
-    "s3_https",
-    "cache_ingest",
-    "resources",
-}
-
-
-def _cluster_args(parser: argparse.ArgumentParser) -> None:
-    """Compile options (see pipelines/cluster.py); absent flags keep ClusterOptions' defaults."""
-    defaults = ClusterOptions()
-    group = parser.add_argument_group("cluster options (compile time)")
-    add = group.add_argument
-    s = argparse.SUPPRESS
-    add("--image", default=s, help=f"component image (default {defaults.component_image})")
-    add(
-        "--default-serving-image",
-        default=s,
-        help=f"default of the serving_image parameter (default {defaults.serving_image})",
-    )
-    add("--image-pull-policy", default=s, choices=["Always", "IfNotPresent", "Never"])
-    add(
-        "--gpu",
-        action=argparse.BooleanOptionalAction,
-        default=s,
-        help="train on a GPU node (accelerator, node selector, tolerations; default: no)",
-    )
-    add("--accelerator-type", default=s, help=f"default {defaults.accelerator_type}")
-    add("--accelerator-limit", type=int, default=s, help=f"default {defaults.accelerator_limit}")
-    add(
-        "--node-selector",
-        action="append",
-        default=s,
-        metavar="KEY=VALUE",
-        help="node label for the GPU step (repeat; replaces "
-        f"{','.join(f'{k}={v}' for k, v in defaults.gpu_node_selector.items())})",
-    )
-    add(
-        "--toleration",
-        action="append",
-        default=s,
-        metavar="KEY[=VALUE][:EFFECT]",
-        help="toleration for the GPU step (repeat; replaces nvidia.com/gpu:NoSchedule)",
-    )
-    add(
-        "--retries",
-        type=int,
-        default=s,
-        help=f"retries of the object-storage steps (default {defaults.retries}; 0: none)",
-    )
-    add(
-        "--retry-backoff",
-        default=s,
-        help=f"first retry delay, doubled each time (default {defaults.retry_backoff})",
-    )
-    add(
-        "--s3-secret",
-        default=s,
-        help=f"Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (default "
-        f"{defaults.s3_secret}; '' for none)",
-    )
-    add("--s3-endpoint", default=s, help=f"default {defaults.s3_endpoint}")
-    add("--s3-https", action=argparse.BooleanOptionalAction, default=s, help="TLS to S3")
-    add(
-        "--cache-ingest",
-        action=argparse.BooleanOptionalAction,
-        default=s,
-        help="let KFP reuse a cached ingest (default: no; only for an immutable source prefix, "
-        "never with the new-data check)",
-    )
-    add(
-        "--resources",
-        action="append",
-        default=s,
-        metavar="STEP:KEY=VALUE[,KEY=VALUE]",
-        help="requests/limits of a step (repeat), KEY one of cpu_request, cpu_limit, "
-        "memory_request, memory_limit: --resources train:memory_limit=32Gi,cpu_limit=16",
-    )
-
-
-def options_from_args(args: dict[str, Any]) -> ClusterOptions:
-    """``ClusterOptions`` from the cluster flags present in ``args`` (popped from it)."""
-    given = {key: args.pop(key) for key in list(args) if key in _CLUSTER_FLAGS}
-    changes: dict[str, Any] = {}
-    renames = {
-        "image": "component_image",
-        "default_serving_image": "serving_image",
-        "image_pull_policy": "image_pull_policy",
-        "gpu": "gpu",
-        "accelerator_type": "accelerator_type",
-        "accelerator_limit": "accelerator_limit",
-        "retries": "retries",
-        "retry_backoff": "retry_backoff",
-        "s3_endpoint": "s3_endpoint",
-        "s3_https": "s3_use_https",
-        "cache_ingest": "cache_ingest",
-    }
-    for flag, field_name in renames.items():
-        if flag in given:
-            changes[field_name] = given[flag]
-    if "s3_secret" in given:
-        changes["s3_secret"] = given["s3_secret"] or None
-    if "node_selector" in given:
-        changes["gpu_node_selector"] = parse_key_values(given["node_selector"], "node selector")
-    if "toleration" in given:
-        changes["gpu_tolerations"] = tuple(parse_toleration(t) for t in given["toleration"])
-    options = replace(ClusterOptions(), **changes)
-    for item in given.get("resources", []):
-        step, sep, pairs = item.partition(":")
-        if not sep:
-            raise ValueError(f"--resources {item!r}: expected STEP:KEY=VALUE[,KEY=VALUE]")
-        values = parse_key_values(pairs.split(","), f"--resources {step}")
-        unknown = set(values) - set(Resources.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"--resources {step}: unknown {', '.join(sorted(unknown))}")
-        options = options.with_resources(step, **values)
-    return options
+def parameters_from_flags(args: dict[str, Any], only_given: bool = False) -> dict[str, Any]:
+    """The pipeline arguments in parsed ``args`` (knob flags folded into whole ``train`` and
+    ``augment`` objects: always, or with ``only_given`` only when one of their knobs was given)."""
+    for name, base in CONFIG_PARAMETERS.items():
+        given = any(f.name in args for f in fields(base))
+        config = pop_flags(args, base)
+        if given or not only_given:
+            args[name] = to_dict(config)
+    return args
 
 
 def _connection_args(parser: argparse.ArgumentParser) -> None:
@@ -230,8 +135,7 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--token", help="bearer token (default: $KFP_TOKEN)")
     group.add_argument("--token-file", help="file holding the bearer token ($KFP_TOKEN_FILE)")
     group.add_argument(
-        "--kfp-namespace",
-        help="Kubeflow profile namespace, multi-user installs ($KFP_NAMESPACE)",
+        "--kfp-namespace", help="Kubeflow profile namespace, multi-user installs ($KFP_NAMESPACE)"
     )
     group.add_argument("--ui-host", help="base URL of the KFP UI for links (default: --host)")
     group.add_argument("--insecure", action="store_true", help="do not verify TLS certificates")
@@ -250,15 +154,11 @@ def _connection(args: dict[str, Any]):
     )
 
 
-def _cluster_flags_given(args: dict[str, Any]) -> list[str]:
-    return sorted(f"--{k.replace('_', '-')}" for k in args if k in _CLUSTER_FLAGS)
-
-
 def _package(given: Path | None, args: dict[str, Any]) -> contextlib.AbstractContextManager[Path]:
     """The YAML to send: ``given``, or a fresh compile for the cluster flags, which it takes out
     of ``args`` now."""
-    flags = _cluster_flags_given(args)
-    options = options_from_args(args)
+    flags = cluster_flags_given(args)
+    options = options_from_flags(args)
     if given is not None:
         if flags:
             raise ValueError(f"{', '.join(flags)} change a compile; they cannot change --package")
@@ -279,18 +179,19 @@ def _kfp_chatter_to_stderr() -> Iterator[None]:
         yield
 
 
-def _print_table(rows: list[dict[str, str]]) -> None:
-    if not rows:
-        print("(none)")
-        return
-    columns = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
-    print("  ".join(c.upper().ljust(widths[c]) for c in columns).rstrip())
-    for row in rows:
-        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns).rstrip())
-
-
 # -- commands -------------------------------------------------------------------------------------
+
+
+def _cmd_compile(args: dict[str, Any]) -> None:
+    output = args.pop("output")
+    print(f"wrote {compile_pipeline(output, options_from_flags(args))}")
+
+
+def _cmd_local(args: dict[str, Any]) -> None:
+    root = args.pop("pipeline_root")
+    arguments = parameters_from_flags(args)
+    print(json.dumps(arguments, indent=2))
+    run_local(arguments, root)
 
 
 def _cmd_upload(args: dict[str, Any]) -> None:
@@ -324,11 +225,10 @@ def _cmd_run(args: dict[str, Any]) -> None:
     settings = {k: args.pop(k) for k in ("package", "experiment", "run_name", "service_account")}
     enable_caching = False if args.pop("no_cache") else None
     package_context = _package(settings["package"], args)  # takes the cluster flags out
-    arguments = args  # what is left: the pipeline parameters given on the command line
+    arguments = parameters_from_flags(args, only_given=True)
     with package_context as package, _kfp_chatter_to_stderr():
-        client = kfp_api.connect(connection)
         run_id = kfp_api.submit_run(
-            client,
+            kfp_api.connect(connection),
             package,
             arguments,
             experiment=settings["experiment"],
@@ -345,28 +245,17 @@ def _cmd_schedule(args: dict[str, Any]) -> None:
     from pipelines import kfp_api
 
     connection = _connection(args)
-    settings = {
-        k: args.pop(k)
-        for k in (
-            "cron",
-            "name",
-            "experiment",
-            "service_account",
-            "max_concurrency",
-            "replace",
-            "upload",
-            "pipeline_name",
-            "pin_version",
-        )
-    }
-    flags = _cluster_flags_given(args)
+    names = ("cron", "name", "experiment", "service_account", "max_concurrency")
+    names += ("replace", "upload", "pipeline_name", "pin_version")
+    settings = {k: args.pop(k) for k in names}
+    flags = cluster_flags_given(args)
     if flags and not settings["upload"]:
         raise kfp_api.KfpError(
             f"{', '.join(flags)} only apply with --upload: the schedule runs the latest "
             "uploaded version"
         )
     package_context = _package(None, args) if settings["upload"] else contextlib.nullcontext()
-    arguments = args
+    arguments = parameters_from_flags(args, only_given=True)
     uploaded = None
     with package_context as package, _kfp_chatter_to_stderr():
         client = kfp_api.connect(connection)
@@ -389,19 +278,8 @@ def _cmd_schedule(args: dict[str, Any]) -> None:
         )
     if uploaded is not None:
         print(f"uploaded version {uploaded.version_id} ({uploaded.version_name})")
-    if kfp_api.NEW_DATA_CHECK not in scheduled.parameters:
-        print(
-            f"note: the pipeline has no `{kfp_api.NEW_DATA_CHECK}` parameter yet, so every "
-            "scheduled run retrains",
-            file=sys.stderr,
-        )
-    if "ingest" in kfp_api.cached_tasks(scheduled.version_spec):
-        print(
-            "warning: ingest is cached in the latest version (--cache-ingest): scheduled runs "
-            "with the same `source` reuse the first dataset and never see new images; upload "
-            "a version compiled without --cache-ingest",
-            file=sys.stderr,
-        )
+    for warning in kfp_api.schedule_warnings(scheduled):
+        print(warning, file=sys.stderr)
     if scheduled.replaced:
         print(f"replaced recurring run {scheduled.replaced}")
     version = (
@@ -415,18 +293,6 @@ def _cmd_schedule(args: dict[str, Any]) -> None:
     print(connection.ui_url(f"recurringrun/details/{scheduled.recurring_run_id}"))
 
 
-def _cmd_list(args: dict[str, Any]) -> None:
-    from pipelines import kfp_api
-
-    connection = _connection(args)
-    with _kfp_chatter_to_stderr():
-        client = kfp_api.connect(connection)
-        rows = kfp_api.list_rows(
-            client, args["what"], args["pipeline_name"], connection.namespace, args["limit"]
-        )
-    _print_table(rows)
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m pipelines",
@@ -435,21 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    compile_cmd = commands.add_parser(
-        "compile", allow_abbrev=False, help="write the pipeline YAML for the KFP UI"
-    )
+    def command(name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        return commands.add_parser(name, allow_abbrev=False, help=help)
+
+    compile_cmd = command("compile", "write the pipeline YAML for the KFP UI")
     compile_cmd.add_argument("--output", type=Path, default=DEFAULT_YAML)
-    _cluster_args(compile_cmd)
+    add_cluster_flags(compile_cmd)
 
-    local_cmd = commands.add_parser(
-        "local", allow_abbrev=False, help="run the whole pipeline here with kfp.local"
-    )
+    local_cmd = command("local", "run the whole pipeline here with kfp.local")
     local_cmd.add_argument("--pipeline-root", type=Path, default=Path("local_outputs"))
-    _parameter_args(local_cmd)
+    add_parameter_flags(local_cmd)
 
-    upload_cmd = commands.add_parser(
-        "upload", allow_abbrev=False, help="upload a new pipeline version"
-    )
+    upload_cmd = command("upload", "upload a new pipeline version")
     upload_cmd.add_argument("--pipeline-name", default=PIPELINE_NAME)
     upload_cmd.add_argument("--version-name", help="default: <UTC time>-<sha256 of the YAML>")
     upload_cmd.add_argument("--description")
@@ -457,11 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--package", type=Path, help="upload this YAML instead of compiling (cluster flags unused)"
     )
     _connection_args(upload_cmd)
-    _cluster_args(upload_cmd)
+    add_cluster_flags(upload_cmd)
 
-    run_cmd = commands.add_parser(
-        "run", allow_abbrev=False, help="start one run on the server; prints its URL"
-    )
+    run_cmd = command("run", "start one run on the server; prints its URL")
     run_cmd.add_argument("--experiment", default=DEFAULT_EXPERIMENT)
     run_cmd.add_argument("--run-name")
     run_cmd.add_argument(
@@ -474,13 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--package", type=Path, help="submit this YAML instead of compiling (cluster flags unused)"
     )
     _connection_args(run_cmd)
-    _cluster_args(run_cmd)
-    _parameter_args(run_cmd, only_given=True)
+    add_cluster_flags(run_cmd)
+    add_parameter_flags(run_cmd, only_given=True)
 
-    schedule_cmd = commands.add_parser(
-        "schedule",
-        allow_abbrev=False,
-        help="recurring run of the latest pipeline version (new-data check on)",
+    schedule_cmd = command(
+        "schedule", "recurring run of the latest pipeline version (new-data check on)"
     )
     schedule_cmd.add_argument(
         "--cron",
@@ -505,22 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
         "'always use the latest version' support, before 2.5)",
     )
     _connection_args(schedule_cmd)
-    _cluster_args(schedule_cmd)
-    _parameter_args(schedule_cmd, only_given=True)
-
-    list_cmd = commands.add_parser(
-        "list", allow_abbrev=False, help="pipelines, versions, runs or schedules"
-    )
-    list_cmd.add_argument(
-        "what",
-        nargs="?",
-        default="pipelines",
-        choices=("pipelines", "versions", "runs", "schedules"),
-    )
-    list_cmd.add_argument("--pipeline-name", default=PIPELINE_NAME, help="for `versions`")
-    list_cmd.add_argument("--limit", type=int, default=20)
-    _connection_args(list_cmd)
+    add_cluster_flags(schedule_cmd)
+    add_parameter_flags(schedule_cmd, only_given=True)
     return parser
+
+
+COMMANDS = {
+    "compile": _cmd_compile,
+    "local": _cmd_local,
+    "upload": _cmd_upload,
+    "run": _cmd_run,
+    "schedule": _cmd_schedule,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -528,20 +383,7 @@ def main(argv: list[str] | None = None) -> None:
     args = vars(parser.parse_args(argv))
     command = args.pop("command")
     try:
-        if command == "compile":
-            output = args.pop("output")
-            print(f"wrote {compile_pipeline(output, options_from_args(args))}")
-        elif command == "local":
-            root = args.pop("pipeline_root")
-            print(json.dumps(args, indent=2))
-            run_local(args, root)
-        else:
-            {
-                "upload": _cmd_upload,
-                "run": _cmd_run,
-                "schedule": _cmd_schedule,
-                "list": _cmd_list,
-            }[command](args)
+        COMMANDS[command](args)
     except Exception as error:  # noqa: BLE001 - turned into a one-line message below
         message = _describe(error)
         if message is None:

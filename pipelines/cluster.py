@@ -8,8 +8,8 @@ scheduling for ``train``, the Secret's name, the S3 endpoint. ``apply_cluster_op
 at the end of the pipeline function and configures every task it created, so a new step cannot be
 left unconfigured: the pipeline refuses to build until the step has a policy here.
 
-Caching: ``split`` and ``augment`` are pure functions of their inputs and may be answered from
-KFP's cache. ``ingest`` is not cached by default: it lists the source bucket (KFP's cache key holds
+Caching: ``split`` is a pure function of its inputs and may be answered from KFP's cache.
+``ingest`` is not cached by default: it lists the source bucket (KFP's cache key holds
 the *string* ``source``, not the objects under it, so a cached ingest would never see new images),
 reads the production record for the new-data check and records the dataset, so a cached result
 would be stale on exactly the runs that matter (scheduled retraining). ``cache_ingest=True``
@@ -20,8 +20,11 @@ InferenceService) never use the cache. A run submitted with ``--no-cache`` runs 
 
 from __future__ import annotations
 
+import argparse
+import typing
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from typing import Any
 
 from kfp import kubernetes
 from kfp.dsl import PipelineTask
@@ -71,7 +74,6 @@ class Toleration:
 STEP_POLICIES: dict[str, StepPolicy] = {
     "ingest": StepPolicy(Resources("500m", "2", "1Gi", "4Gi"), uses_object_storage=True),
     "split": StepPolicy(Resources("250m", "1", "512Mi", "2Gi"), cache=True),
-    "augment": StepPolicy(Resources("100m", "500m", "512Mi", "1Gi"), cache=True),
     # train saves a checkpoint to MinIO every epoch (and resumes from it when retried)
     "train": StepPolicy(Resources("2", "8", "4Gi", "16Gi"), uses_object_storage=True),
     "evaluate": StepPolicy(Resources("1", "4", "2Gi", "8Gi")),
@@ -81,9 +83,39 @@ STEP_POLICIES: dict[str, StepPolicy] = {
 }
 
 
+def _option(default: Any = MISSING, help: str = "", **flag: Any) -> Any:  # noqa: A002
+    """A :class:`ClusterOptions` field that is also a command-line flag (:func:`add_cluster_flags`).
+
+    ``flag``: ``name`` (instead of the field's), ``choices``, ``repeat`` (the flag may be given
+    several times; the field gets the list, converted by ``convert``), ``convert`` (the flag's
+    text -> the field's value), ``default_factory``.
+    """
+    factory = flag.pop("default_factory", MISSING)
+    metadata = {"help": help, **flag}
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def _resources_of(items: list[str]) -> dict[str, dict[str, str]]:
+    """``["train:memory_limit=32Gi,cpu_limit=16", ...]`` -> ``{"train": {...}}``."""
+    result: dict[str, dict[str, str]] = {}
+    for item in items:
+        step, sep, pairs = item.partition(":")
+        if not sep:
+            raise ValueError(f"--resources {item!r}: expected STEP:KEY=VALUE[,KEY=VALUE]")
+        values = parse_key_values(pairs.split(","), f"--resources {step}")
+        unknown = set(values) - {f.name for f in fields(Resources)}
+        if unknown:
+            raise ValueError(f"--resources {step}: unknown {', '.join(sorted(unknown))}")
+        result.setdefault(step, {}).update(values)
+    return result
+
+
 @dataclass(frozen=True)
 class ClusterOptions:
-    """Everything about a cluster that is fixed when the pipeline is compiled.
+    """Everything about a cluster that is fixed when the pipeline is compiled; every field with
+    a help text is a flag of ``python -m pipelines compile|upload|run|schedule``.
 
     The defaults fit ``manifests/base``: MinIO at ``DEFAULT_S3_ENDPOINT`` with its credentials in
     the Secret ``minio-credentials``, no GPU. ``gpu=True`` matches ``manifests/overlays/gpu``:
@@ -91,27 +123,61 @@ class ClusterOptions:
     ``nvidia.com/gpu.present=true`` and tolerates the ``nvidia.com/gpu`` taint.
     """
 
-    component_image: str = COMPONENT_IMAGE
-    serving_image: str = DEFAULT_SERVING_IMAGE  # the default of the `serving_image` parameter
-    image_pull_policy: str | None = None  # Always / IfNotPresent / Never; None: Kubernetes' default
-    gpu: bool = False
-    accelerator_type: str = "nvidia.com/gpu"
-    accelerator_limit: int = 1
-    gpu_node_selector: Mapping[str, str] = field(
-        default_factory=lambda: {"nvidia.com/gpu.present": "true"}
+    component_image: str = _option(COMPONENT_IMAGE, "component image", name="image")
+    serving_image: str = _option(
+        DEFAULT_SERVING_IMAGE,
+        "default of the serving_image parameter",
+        name="default-serving-image",
     )
-    gpu_tolerations: tuple[Toleration, ...] = (Toleration("nvidia.com/gpu"),)
-    retries: int = 3
-    retry_backoff: str = "30s"  # first wait; doubled (backoff_factor) up to retry_backoff_max
-    retry_backoff_factor: float = 2.0
-    retry_backoff_max: str = "600s"
-    s3_secret: str | None = DEFAULT_S3_SECRET  # None: no credentials from a Secret
-    s3_endpoint: str | None = DEFAULT_S3_ENDPOINT  # None: leave S3_* to the environment
-    s3_use_https: bool = False
-    s3_region: str | None = "us-east-1"
-    cache_ingest: bool = False  # only for immutable source prefixes (see the module doc)
+    image_pull_policy: str | None = _option(
+        None, "Kubernetes' default when unset", choices=["Always", "IfNotPresent", "Never"]
+    )
+    gpu: bool = _option(False, "train on a GPU node (accelerator, node selector, tolerations)")
+    accelerator_type: str = _option("nvidia.com/gpu", "the GPU step's accelerator")
+    accelerator_limit: int = _option(1, "accelerators of the GPU step")
+    gpu_node_selector: Mapping[str, str] = _option(
+        help="node label KEY=VALUE for the GPU step (repeat; replaces the default)",
+        name="node-selector",
+        repeat=True,
+        convert=lambda items: parse_key_values(items, "node selector"),
+        default_factory=lambda: {"nvidia.com/gpu.present": "true"},
+    )
+    gpu_tolerations: tuple[Toleration, ...] = _option(
+        (Toleration("nvidia.com/gpu"),),
+        "toleration KEY[=VALUE][:EFFECT] for the GPU step (repeat; replaces the default)",
+        name="toleration",
+        repeat=True,
+        convert=lambda items: tuple(parse_toleration(t) for t in items),
+    )
+    retries: int = _option(3, "retries of the object-storage steps (0: none)")
+    retry_backoff: str = _option("30s", "first retry delay, multiplied by the factor each time")
+    retry_backoff_factor: float = _option(2.0, "growth of the retry delay")
+    retry_backoff_max: str = _option("600s", "longest retry delay")
+    s3_secret: str | None = _option(
+        DEFAULT_S3_SECRET,
+        "Secret with AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY ('' for none)",
+        convert=lambda text: text or None,
+    )
+    s3_endpoint: str | None = _option(
+        DEFAULT_S3_ENDPOINT, "S3 endpoint of the steps", convert=lambda text: text or None
+    )
+    s3_use_https: bool = _option(False, "TLS to S3", name="s3-https")
+    s3_region: str | None = _option("us-east-1", "S3 region", convert=lambda text: text or None)
+    cache_ingest: bool = _option(
+        False,
+        "let KFP reuse a cached ingest (only for an immutable source prefix, never with the "
+        "new-data check; see the module doc)",
+    )
     in_cluster: bool = True  # False: the kfp.local build (no cluster-only settings)
-    steps: Mapping[str, StepPolicy] = field(default_factory=lambda: dict(STEP_POLICIES))
+    steps: Mapping[str, StepPolicy] = _option(
+        help="requests/limits of a step, STEP:KEY=VALUE[,KEY=VALUE] with KEY one of "
+        "cpu_request, cpu_limit, memory_request, memory_limit (repeat): "
+        "train:memory_limit=32Gi,cpu_limit=16",
+        name="resources",
+        repeat=True,
+        convert=_resources_of,
+        default_factory=lambda: dict(STEP_POLICIES),
+    )
 
     @classmethod
     def for_local(cls) -> ClusterOptions:
@@ -145,6 +211,62 @@ class ClusterOptions:
         if self.s3_region:
             env["S3_REGION"] = self.s3_region
         return env
+
+
+def _flag_fields() -> list[Field]:
+    return [f for f in fields(ClusterOptions) if "help" in f.metadata]
+
+
+def _dest(item: Field) -> str:
+    return f"cluster_{item.name}"  # apart from the pipeline parameters' names
+
+
+def flag_of(item: Field) -> str:
+    return f"--{item.metadata.get('name', item.name.replace('_', '-'))}"
+
+
+def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per :class:`ClusterOptions` field with a help text; a flag left out keeps the
+    field's default (and is absent from the parsed namespace)."""
+    group = parser.add_argument_group("cluster options (compile time)")
+    defaults = ClusterOptions()
+    kinds = typing.get_type_hints(ClusterOptions)
+    for item in _flag_fields():
+        meta, kind = item.metadata, kinds[item.name]
+        default = getattr(defaults, item.name)
+        shown = "" if meta.get("repeat") else f" (default: {default})"
+        options: dict[str, Any] = {"dest": _dest(item), "default": argparse.SUPPRESS}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif meta.get("repeat"):
+            options.update(action="append", metavar="VALUE")
+        else:
+            options["type"] = kind if kind in (int, float) else str
+            options["metavar"] = {int: "N", float: "X"}.get(kind, "TEXT")
+        if "choices" in meta:
+            options["choices"] = meta["choices"]
+        group.add_argument(flag_of(item), help=f"{meta['help']}{shown}", **options)
+
+
+def cluster_flags_given(args: dict[str, Any]) -> list[str]:
+    """The cluster flags present in parsed ``args``, as typed (for messages)."""
+    return sorted(flag_of(f) for f in _flag_fields() if _dest(f) in args)
+
+
+def options_from_flags(args: dict[str, Any]) -> ClusterOptions:
+    """``ClusterOptions`` from the cluster flags present in ``args`` (taken out of it)."""
+    options = ClusterOptions()
+    for item in _flag_fields():
+        if _dest(item) not in args:
+            continue
+        raw = args.pop(_dest(item))
+        value = item.metadata.get("convert", lambda v: v)(raw)
+        if item.name == "steps":
+            for step, values in value.items():
+                options = options.with_resources(step, **values)
+        else:
+            options = replace(options, **{item.name: value})
+    return options
 
 
 def configure_task(task: PipelineTask, options: ClusterOptions) -> PipelineTask:

@@ -1,4 +1,4 @@
-"""The pipeline on a Kubeflow Pipelines server, through ``kfp.Client``: upload, run, schedule, list.
+"""The pipeline on a Kubeflow Pipelines server, through ``kfp.Client``: upload, run, schedule.
 
 Everything here takes a connected ``kfp.Client`` (see :func:`connect`) and returns small records
 that the command line prints. Only the v2beta1 REST API is used.
@@ -348,69 +348,19 @@ def schedule(
     )
 
 
-def list_rows(
-    client: kfp.Client,
-    what: str,
-    pipeline_name: str,
-    namespace: str | None = None,
-    limit: int = 20,
-) -> list[dict[str, str]]:
-    """Rows (newest first) of ``what``: pipelines, versions (of ``pipeline_name``), runs or
-    schedules."""
-    newest = "created_at desc"
-    if what == "pipelines":
-        items = client.list_pipelines(page_size=limit, sort_by=newest, namespace=namespace)
-        return [
-            {"id": p.pipeline_id, "name": p.display_name, "created": _when(p.created_at)}
-            for p in items.pipelines or []
-        ]
-    if what == "versions":
-        pipeline = find_pipeline(client, pipeline_name, namespace)
-        if pipeline is None:
-            raise KfpError(f"no pipeline named {pipeline_name!r} on the server")
-        items = client.list_pipeline_versions(pipeline.pipeline_id, page_size=limit, sort_by=newest)
-        return [
-            {"id": v.pipeline_version_id, "name": v.display_name, "created": _when(v.created_at)}
-            for v in items.pipeline_versions or []
-        ]
-    if what == "runs":
-        items = client.list_runs(page_size=limit, sort_by=newest, namespace=namespace)
-        return [
-            {
-                "id": r.run_id,
-                "name": r.display_name,
-                "state": str(r.state or ""),
-                "created": _when(r.created_at),
-            }
-            for r in items.runs or []
-        ]
-    if what == "schedules":
-        items = client.list_recurring_runs(page_size=limit, sort_by=newest, namespace=namespace)
-        return [
-            {
-                "id": r.recurring_run_id,
-                "name": r.display_name,
-                "cron": _cron_of(r),
-                "mode": str(r.mode or ""),
-                "version": (r.pipeline_version_reference.pipeline_version_id or "latest")
-                if r.pipeline_version_reference
-                else "embedded spec",
-            }
-            for r in items.recurring_runs or []
-        ]
-    raise KfpError(f"cannot list {what!r}: pipelines, versions, runs or schedules")
-
-
-def _cron_of(recurring_run) -> str:
-    trigger = recurring_run.trigger
-    if trigger and trigger.cron_schedule:
-        return trigger.cron_schedule.cron
-    if trigger and trigger.periodic_schedule:
-        return f"every {trigger.periodic_schedule.interval_second}s"
-    return ""
-
-
-def _when(value: datetime | str | None) -> str:
-    if isinstance(value, datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    return str(value or "")
+def schedule_warnings(scheduled: Scheduled) -> list[str]:
+    """What a user should know about a new schedule: no new-data check in the pipeline, or a
+    cached ingest that would never see new images."""
+    warnings = []
+    if NEW_DATA_CHECK not in scheduled.parameters:
+        warnings.append(
+            f"note: the pipeline has no `{NEW_DATA_CHECK}` parameter yet, so every scheduled run "
+            "retrains"
+        )
+    if "ingest" in cached_tasks(scheduled.version_spec):
+        warnings.append(
+            "warning: ingest is cached in the latest version (--cache-ingest): scheduled runs "
+            "with the same `source` reuse the first dataset and never see new images; upload "
+            "a version compiled without --cache-ingest"
+        )
+    return warnings

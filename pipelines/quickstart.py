@@ -15,7 +15,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import requests
 
@@ -23,15 +22,12 @@ from brainmri.demo_data import generate_demo_dataset
 from brainmri.local_s3 import LocalS3Server
 from brainmri.registry import read_production_record
 from brainmri.storage import ObjectStore, S3Uri, is_s3_uri
-from components.train import TrainConfig
+from components.config import DEMO_TRAINING, TrainConfig, add_flags, pop_flags, to_dict
 from pipelines.__main__ import run_local
 from serving.process import serve_in_subprocess
 
 RUN_DIR = Path(".run")
 DEMO_URI = S3Uri("demo-data", "brain-mri")
-# the generated demo set trains TrainConfig's defaults, a small CNN, in seconds; --data runs the
-# pipeline's real-data recipe
-DEMO_TRAINING = {k: getattr(TrainConfig(), k) for k in ("backbone", "image_size", "epochs")}
 
 
 def say(message: str) -> None:
@@ -91,20 +87,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "cores) (default: the generated demo set, a small CNN trained in seconds)",
     )
     parser.add_argument("--threshold", type=float, default=0.9)
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--backbone", default=None)
-    parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--model-name", default="brain-mri-classifier")
     parser.add_argument("--models-bucket", default="models")
+    add_flags(
+        parser,
+        TrainConfig(),
+        "training (defaults shown: the real-data recipe, used with --data; the demo set "
+        f"trains {DEMO_TRAINING.backbone} at {DEMO_TRAINING.image_size} px for "
+        f"{DEMO_TRAINING.epochs} epochs)",
+    )
     return parser.parse_args(argv)
 
 
-def training_parameters(args: argparse.Namespace) -> dict[str, Any]:
-    """Train parameters for the pipeline: the demo's small CNN unless ``--data`` names real
-    scans (then the pipeline's defaults, the real-data recipe); flags override either."""
-    chosen = {"epochs": args.epochs, "backbone": args.backbone, "image_size": args.image_size}
-    base = {} if args.data else dict(DEMO_TRAINING)
-    return base | {k: v for k, v in chosen.items() if v is not None}
+def training_config(args: argparse.Namespace) -> TrainConfig:
+    """What to train: the demo's small CNN unless ``--data`` names real scans (then the
+    pipeline's default, the real-data recipe); training flags override either."""
+    return pop_flags(dict(vars(args)), TrainConfig() if args.data else DEMO_TRAINING)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 "threshold": args.threshold,
                 "model_name": args.model_name,
                 "models_bucket": args.models_bucket,
-                **training_parameters(args),
+                "train": to_dict(training_config(args)),
             },
             RUN_DIR / "pipeline-root",
         )

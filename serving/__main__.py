@@ -23,9 +23,10 @@ from kserve import ModelServer, model_server
 from kserve import logging as kserve_logging
 from kserve.logging import logger
 
+from brainmri.cpu import cpu_budget
 from brainmri.settings import SettingsError
 from brainmri.storage import StorageError
-from serving.limits import PayloadLimitMiddleware, cpu_budget
+from serving.limits import PayloadLimitMiddleware
 from serving.predictor import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_IMAGE_PIXELS,

@@ -1,4 +1,4 @@
-"""Request-size limit for the model server's HTTP app, and the CPU budget of this process.
+"""The request-size limit of the model server's HTTP app.
 
 KServe's REST server (FastAPI on uvicorn) reads a request body of any size. The
 :class:`PayloadLimitMiddleware` answers ``413 Content Too Large`` before the body reaches KServe:
@@ -9,10 +9,7 @@ upload that crosses the limit), so an oversized upload is never held in memory w
 from __future__ import annotations
 
 import json
-import math
-import os
 from collections.abc import Awaitable, Callable, MutableMapping
-from pathlib import Path
 from typing import Any
 
 Scope = MutableMapping[str, Any]
@@ -22,7 +19,6 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 PAYLOAD_FLAG = "--max_payload_bytes"
-_CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
 
 
 class PayloadLimitMiddleware:
@@ -108,22 +104,3 @@ def _replay(messages: list[Message], receive: Receive) -> Receive:
         return pending.pop(0) if pending else await receive()
 
     return replay
-
-
-def cpu_budget() -> int:
-    """CPUs this process may use: its CPU affinity, capped by a cgroup v2 CPU quota.
-
-    ``torch.get_num_threads()`` defaults to the node's core count, which oversubscribes a pod
-    limited to a few CPUs; this is the number to size thread pools by instead.
-    """
-    try:
-        available = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        available = os.cpu_count() or 1
-    try:
-        quota, period = _CGROUP_CPU_MAX.read_text().split()[:2]
-        if quota != "max":
-            available = min(available, max(1, math.floor(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, available)

@@ -20,9 +20,9 @@ import kmock
 import pytest
 from kubernetes import client
 
-from brainmri.inference_service import GROUP, KIND, PLURAL, VERSION
+from brainmri.inference_service import INFERENCE_SERVICES
 
-ISVC_RESOURCE = f"{GROUP}/{VERSION}/{PLURAL}"
+ISVC_RESOURCE = f"{INFERENCE_SERVICES.api_version}/{INFERENCE_SERVICES.plural}"
 T = TypeVar("T")
 
 
@@ -168,7 +168,7 @@ def kube_api() -> Iterator[KubeApi]:
         stop = asyncio.Event()
         emulator = kmock.KubernetesEmulator()
         emulator.resources[ISVC_RESOURCE] = kmock.ResourceInfo(
-            kind=KIND,
+            kind=INFERENCE_SERVICES.kind,
             singular="inferenceservice",
             shortnames={"isvc"},
             namespaced=True,

@@ -19,27 +19,34 @@ from kubernetes import client
 from brainmri import inference_service
 from brainmri.inference_service import (
     CONTAINER_NAME,
-    GROUP,
+    INFERENCE_SERVICES,
     MODEL_MOUNT_PATH,
-    PLURAL,
     STORAGE_URI_ENV,
-    VERSION,
-    InferenceServiceError,
     InferenceServiceSpec,
-    Readiness,
     Rollout,
     RolloutError,
     RolloutWatch,
     apply_inference_service,
-    cluster_api_client,
-    get_inference_service,
     merge_patch,
     render_inference_service,
     roll_out_inference_service,
     to_yaml,
     wait_until_ready,
 )
+from brainmri.kube import KubeApiError, Progress, cluster_api_client
 from tests.kube_emulator import FakeController, KubeApi
+
+GROUP, VERSION, PLURAL = (
+    INFERENCE_SERVICES.group,
+    INFERENCE_SERVICES.version,
+    INFERENCE_SERVICES.plural,
+)
+
+
+def get_inference_service(
+    name: str, namespace: str, api_client: client.ApiClient, **kw: Any
+) -> dict[str, Any] | None:
+    return INFERENCE_SERVICES.get(api_client, namespace, name, **kw)
 
 
 def make_spec(**overrides: Any) -> InferenceServiceSpec:
@@ -131,11 +138,11 @@ def test_apply_creates_then_patches(kube_api: KubeApi) -> None:
     first = render_inference_service(make_spec())
 
     assert get_inference_service("brain-mri", "kubeflow-user", api_client) is None
-    assert apply_inference_service(first, api_client) == "created"
+    assert apply_inference_service(first, api_client)[0] == "created"
     assert kube_api.stored("brain-mri", "kubeflow-user") == first
 
     second = render_inference_service(make_spec(storage_uri="s3://models/brain-mri/v2"))
-    assert apply_inference_service(second, api_client) == "patched"
+    assert apply_inference_service(second, api_client)[0] == "patched"
     fetched = get_inference_service("brain-mri", "kubeflow-user", api_client)
     assert fetched is not None
     (container,) = predictor_of(fetched)["containers"]
@@ -148,7 +155,7 @@ def test_canary_percent_lands_and_plain_apply_clears_it(kube_api: KubeApi) -> No
     apply_inference_service(render_inference_service(make_spec()), api_client)
 
     canary = make_spec(storage_uri="s3://models/brain-mri/v2", canary_traffic_percent=20)
-    assert apply_inference_service(render_inference_service(canary), api_client) == "patched"
+    assert apply_inference_service(render_inference_service(canary), api_client)[0] == "patched"
     stored = kube_api.stored("brain-mri", "kubeflow-user")
     assert predictor_of(stored)["canaryTrafficPercent"] == 20
 
@@ -193,9 +200,9 @@ def test_unreachable_api_server_gives_clear_error_fast() -> None:
 
     started = time.monotonic()
     with client.ApiClient(configuration) as api_client:
-        with pytest.raises(InferenceServiceError) as excinfo:
+        with pytest.raises(KubeApiError) as excinfo:
             apply_inference_service(manifest, api_client, timeout=(2.0, 2.0))
-        with pytest.raises(InferenceServiceError, match="cannot reach"):
+        with pytest.raises(KubeApiError, match="cannot reach"):
             get_inference_service("brain-mri", "kubeflow-user", api_client, timeout=(2.0, 2.0))
     assert time.monotonic() - started < 10
 
@@ -206,10 +213,10 @@ def test_unreachable_api_server_gives_clear_error_fast() -> None:
 
 
 def test_api_refusal_names_status(kube_api: KubeApi) -> None:
-    """A refusal (here RBAC: 403) becomes an InferenceServiceError with status and reason."""
+    """A refusal (here RBAC: 403) becomes a KubeApiError with status and reason."""
     forbidden = kmock.KubernetesError(status=403, reason="Forbidden", message="no RBAC")
     kube_api.call(lambda: kube_api.emulator[kmock.action.CREATE] << forbidden)
-    with pytest.raises(InferenceServiceError, match=r"HTTP 403 Forbidden .*RBAC"):
+    with pytest.raises(KubeApiError, match=r"HTTP 403 Forbidden .*RBAC"):
         apply_inference_service(render_inference_service(make_spec()), kube_api.api_client())
 
 
@@ -273,7 +280,7 @@ def test_watch_trusts_observed_generation_when_the_server_reports_it() -> None:
     assert stale.state == "pending" and "generation 3" in stale.detail
     assert watch.assess(isvc_with(READY_OLD, generation=3, observed=3)).state == "ready"
     failed = isvc_with({"status": "False", "reason": "RevisionFailed"}, generation=3, observed=3)
-    assert watch.assess(failed) == Readiness("failed", "Ready=False (RevisionFailed)")
+    assert watch.assess(failed) == Progress("failed", "Ready=False (RevisionFailed)")
 
 
 def test_watch_without_generations_needs_a_changed_ready_condition() -> None:
@@ -385,7 +392,7 @@ def test_a_failed_rollback_is_reported_with_what_to_restore(
     apply_inference_service(render_inference_service(make_spec()), api_client)
 
     def refuse(*_args: Any) -> None:
-        raise InferenceServiceError("HTTP 403 Forbidden")
+        raise KubeApiError("HTTP 403 Forbidden")
 
     monkeypatch.setattr(inference_service, "_restore", refuse)
     new = render_inference_service(make_spec(storage_uri="s3://models/brain-mri/v2"))

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from brainmri import CLASS_NAMES
+from brainmri.class_folders import DatasetError, canonical_label
 from brainmri.dataset import MANIFEST_FILE, read_manifest
 from brainmri.registry import dataset_record_uri
 from brainmri.storage import ObjectStore, S3Uri, StorageError
@@ -17,8 +18,6 @@ from components.ingest import (
     CONFLICTS_FILE,
     DUPLICATES_FILE,
     QUARANTINE_FILE,
-    DatasetError,
-    canonical_label,
     check_new_data,
     ingest_dataset,
     record_dataset,

@@ -1,6 +1,7 @@
 """Backbones by name, pretrained weights (offline EfficientNet-Lite0 for real, torchvision ResNet
 from torch's cache or a weights folder), and the bundle format."""
 
+import os
 import urllib.error
 from pathlib import Path
 
@@ -8,16 +9,18 @@ import pytest
 import torch
 
 from brainmri import CLASS_NAMES
-from brainmri.model import (
+from brainmri.backbones import (
     BACKBONES,
     IMAGENET_MEAN,
     WEIGHTS_DIR_ENV,
-    ModelBundle,
     PretrainedWeightsUnavailable,
-    available_cpus,
+    get_backbone,
+)
+from brainmri.cpu import cpu_budget
+from brainmri.model import (
+    ModelBundle,
     build_model,
     configure_cpu_threads,
-    get_backbone,
     head_parameters,
     load_pretrained_weights,
 )
@@ -120,15 +123,48 @@ def test_serving_preprocesses_exactly_like_training_and_evaluation(demo_dir: Pat
     model = build_model("efficientnet_lite0", 4).eval()
     bundle = ModelBundle(model, "efficientnet_lite0", list(CLASS_NAMES), preprocess)
     image = decode_image(next((demo_dir / "glioma").iterdir()))
-    served = bundle.predict_images([image])  # the KServe predictor's path (PIL in)
+    served = bundle.predict_proba(preprocess(image)[None])  # the KServe predictor's path (PIL in)
     cached = predict_proba(bundle, preprocess.resize()(image)[None])  # train/evaluate path
     assert torch.allclose(served, cached, atol=1e-6)
 
 
-def test_cpu_threads_follow_the_available_cpus() -> None:
+def test_cpu_threads_follow_the_cpu_budget() -> None:
     before = torch.get_num_threads()
     try:
-        assert configure_cpu_threads() == available_cpus() == torch.get_num_threads()
+        assert configure_cpu_threads() == cpu_budget() == torch.get_num_threads()
         assert configure_cpu_threads(1) == 1 == torch.get_num_threads()
     finally:
         torch.set_num_threads(before)
+
+
+def test_cpu_budget_honours_a_cgroup_quota_rounding_down(tmp_path: Path) -> None:
+    cpu_max = tmp_path / "cpu.max"
+    affinity = len(os.sched_getaffinity(0))
+    assert cpu_budget(cpu_max) == affinity  # no cgroup file
+    cpu_max.write_text("max 100000\n")
+    assert cpu_budget(cpu_max) == affinity
+    cpu_max.write_text("50000 100000\n")  # half a CPU still gets one thread
+    assert cpu_budget(cpu_max) == 1
+    cpu_max.write_text("150000 100000\n")  # 1.5 CPUs: one thread, never more than paid for
+    assert cpu_budget(cpu_max) == 1
+    cpu_max.write_text(f"{(affinity + 4) * 100000} 100000\n")
+    assert cpu_budget(cpu_max) == affinity
+    cpu_max.write_text("garbage\n")
+    assert cpu_budget(cpu_max) == affinity
+
+
+def test_serving_and_training_size_their_threads_by_the_same_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """One rule for everyone: the server's defaults and training's threads both follow it."""
+    import brainmri.model
+    from serving import __main__ as serving_main
+
+    monkeypatch.setattr(brainmri.model, "cpu_budget", lambda: 3)
+    monkeypatch.setattr(serving_main, "cpu_budget", lambda: 3)
+    before = torch.get_num_threads()
+    try:
+        assert configure_cpu_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert serving_main.forward_threads(torch.device("cpu"), None, None) == (3, 1)

@@ -9,11 +9,12 @@ from kfp import dsl
 from brainmri.demo_data import generate_demo_dataset
 from brainmri.registry import dataset_record_uri, production_record_uri
 from brainmri.storage import ObjectStore, S3Uri
+from components.config import TrainConfig, to_dict
 from pipelines.__main__ import DEFAULT_YAML, compile_pipeline, main, run_local
 from pipelines.cluster import ClusterOptions, apply_cluster_options
 from pipelines.pipeline import build_pipeline
 
-STEPS = {"ingest", "split", "augment", "train", "evaluate", "gate", "promote"}
+STEPS = {"ingest", "split", "train", "evaluate", "gate", "promote"}
 OBJECT_STORAGE_STEPS = {"ingest", "train", "gate", "promote"}
 
 
@@ -63,11 +64,12 @@ def test_compiled_yaml_has_every_step_and_the_gates(compiled: dict) -> None:
     assert {
         "source",
         "threshold",
-        "epochs",
-        "backbone",
+        "train",
+        "augment",
         "skip_if_unchanged",
         "external_test_source",
     } <= set(params)
+    assert params["train"]["parameterType"] == "STRUCT"  # one JSON object: every knob in the UI
     assert "isOptional" not in params["source"]  # the only required parameter
 
 
@@ -117,7 +119,7 @@ def test_object_storage_steps_get_credentials_endpoint_and_retries(
 def test_only_pure_data_steps_may_come_from_the_cache(compiled: dict) -> None:
     tasks = all_tasks(compiled)
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
-    assert cached == {"split", "augment"}  # not ingest: it lists the bucket and reads production
+    assert cached == {"split"}  # not ingest: it lists the bucket and reads production
 
 
 def test_gpu_build_puts_train_on_a_gpu_node(gpu_compiled: tuple[dict, dict]) -> None:
@@ -216,17 +218,10 @@ def demo_source(s3_env: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
     return "s3://e2e-data/demo"
 
 
-def run(source: str, tmp_path: Path, **params: object) -> None:
-    arguments = {
-        "source": source,
-        "models_bucket": "e2e-models",
-        "backbone": "tiny_cnn",
-        "image_size": 64,
-        "epochs": 12,
-        "batch_size": 16,
-        **params,
-    }
-    run_local(arguments, tmp_path / "root")
+def run(source: str, tmp_path: Path, epochs: int = 12, **params: object) -> None:
+    demo = TrainConfig(backbone="tiny_cnn", image_size=64, epochs=epochs, batch_size=16)
+    arguments = {"source": source, "models_bucket": "e2e-models", "train": to_dict(demo)}
+    run_local(arguments | params, tmp_path / "root")
 
 
 def model_versions(store: ObjectStore, model_name: str) -> set[str]:

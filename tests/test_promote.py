@@ -17,12 +17,8 @@ import torch
 
 from brainmri import CLASS_NAMES
 from brainmri.images import PreprocessConfig
-from brainmri.inference_service import (
-    InferenceServiceError,
-    InferenceServiceSpec,
-    RolloutError,
-    storage_uri_of,
-)
+from brainmri.inference_service import InferenceServiceSpec, RolloutError, storage_uri_of
+from brainmri.kube import KubeApiError
 from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri
 from components.promote import (
@@ -264,7 +260,7 @@ def test_unreachable_cluster_leaves_production_record_untouched(
     config = client.Configuration()
     config.host = f"http://127.0.0.1:{free_ports(1)[0]}"
     config.retries = 0
-    with pytest.raises(InferenceServiceError, match="cannot reach the Kubernetes API"):
+    with pytest.raises(KubeApiError, match="cannot reach the Kubernetes API"):
         promote_model(
             save_model(tmp_path / "m", 4), "m", bucket, spec(), store, client.ApiClient(config)
         )

@@ -1,10 +1,18 @@
 """``make run`` end to end: its own local S3 server, demo data, pipeline, served model, query."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
+from components.config import (
+    DEMO_TRAINING,
+    VAL_FRACTION,
+    AugmentConfig,
+    TrainConfig,
+    to_dict,
+)
 from pipelines import quickstart
 
 
@@ -27,20 +35,19 @@ def test_demo_trains_the_small_cnn_and_real_data_the_pipeline_recipe(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("DATA", raising=False)
-    assert quickstart.training_parameters(quickstart.parse_args([])) == quickstart.DEMO_TRAINING
+    demo = quickstart.training_config(quickstart.parse_args([]))
+    assert demo == DEMO_TRAINING and demo.backbone == "tiny_cnn"
     real = quickstart.parse_args(["--data", "s3://scans/brain-mri"])
-    assert quickstart.training_parameters(real) == {}  # the pipeline's defaults
+    assert quickstart.training_config(real) == TrainConfig()  # the pipeline's defaults
     tuned = quickstart.parse_args(["--data", "/scans", "--epochs", "3", "--image-size", "160"])
-    assert quickstart.training_parameters(tuned) == {"epochs": 3, "image_size": 160}
+    assert quickstart.training_config(tuned) == replace(TrainConfig(), epochs=3, image_size=160)
 
 
 def test_pipeline_defaults_are_the_measured_real_data_recipe() -> None:
-    from components.split import VAL_FRACTION
-    from components.train import REAL_DATA_RECIPE
     from pipelines.pipeline import build_pipeline
 
     inputs = build_pipeline().component_spec.inputs
-    assert inputs["backbone"].default == REAL_DATA_RECIPE.backbone == "efficientnet_lite0"
-    assert inputs["image_size"].default == REAL_DATA_RECIPE.image_size
-    assert inputs["epochs"].default == REAL_DATA_RECIPE.epochs
+    assert inputs["train"].default == to_dict(TrainConfig())
+    assert inputs["train"].default["backbone"] == "efficientnet_lite0"
+    assert inputs["augment"].default == to_dict(AugmentConfig())
     assert inputs["val_fraction"].default == VAL_FRACTION

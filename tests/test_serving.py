@@ -41,7 +41,7 @@ from brainmri.local_s3 import free_ports
 from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri, StorageError
 from serving import __main__ as serving_main
-from serving import limits, predictor
+from serving import protocol
 from serving.__main__ import build_parser, forward_threads, main
 from serving.limits import PayloadLimitMiddleware
 from serving.predictor import BrainMRIModel
@@ -201,7 +201,10 @@ def test_v1_predictions_match_the_bundle(loaded: BrainMRIModel) -> None:
     """Serving preprocesses exactly like the bundle does, in request order."""
     images = [encode("meningioma", 1), encode("pituitary", 2)]
     response = infer(loaded, v1_body(*images))
-    expected = loaded.bundle.predict_images([decode_image(image) for image in images])
+    bundle = loaded.bundle
+    expected = bundle.predict_proba(
+        torch.stack([bundle.preprocess(decode_image(i)) for i in images])
+    )
     for pred, row in zip(response["predictions"], expected.tolist(), strict=True):
         assert list(pred["probabilities"].values()) == pytest.approx(row, abs=1e-6)
 
@@ -284,7 +287,7 @@ def test_unexpected_decoder_errors_are_bad_input(
     def crash(_data: bytes) -> Image.Image:
         raise struct.error("unpack requires a buffer of 4 bytes")
 
-    monkeypatch.setattr(predictor, "decode_image", crash)
+    monkeypatch.setattr(protocol, "decode_image", crash)
     with pytest.raises(InvalidInput, match=r"instances\[0\]: not a readable image \(error: unpack"):
         infer(loaded, v1_body(encode()))
 
@@ -557,19 +560,6 @@ def test_payload_limit_answers_413_naming_the_limit() -> None:
     assert "exceeds 100 bytes" in body["error"]
     with pytest.raises(ValueError, match="at least 1"):
         PayloadLimitMiddleware(app=Starlette(), max_bytes=0)
-
-
-def test_cpu_budget_honours_a_cgroup_quota(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cpu_max = tmp_path / "cpu.max"
-    monkeypatch.setattr(limits, "_CGROUP_CPU_MAX", cpu_max)
-    affinity = len(os.sched_getaffinity(0))
-    assert limits.cpu_budget() == affinity  # no cgroup file
-    cpu_max.write_text("max 100000\n")
-    assert limits.cpu_budget() == affinity
-    cpu_max.write_text("50000 100000\n")  # half a CPU still gets one thread
-    assert limits.cpu_budget() == 1
-    cpu_max.write_text(f"{(affinity + 4) * 100000} 100000\n")
-    assert limits.cpu_budget() == affinity
 
 
 # -- the real server, over HTTP and gRPC -------------------------------------------------------

@@ -10,22 +10,32 @@ from brainmri.images import PreprocessConfig
 from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri
 from components import train as train_module
-from components.augment import AugmentConfig
+from components.config import AugmentConfig, TrainConfig
 from components.evaluate import evaluate_model, render_report
-from components.train import TrainConfig, _phase_optimizer, train_model
+from components.train import TrainRun, _phase_optimizer, train_model
 
-TINY = {"image_size": 32, "batch_size": 16}
+TINY = {"backbone": "tiny_cnn", "image_size": 32, "batch_size": 16}
+
+
+def fit(
+    prepared: tuple[Path, Path],
+    out: Path,
+    config: TrainConfig,
+    augment: AugmentConfig | None = None,
+    checkpoint_uri: str | None = None,
+):
+    """Train on the shared prepared demo set (no progress bars)."""
+    dataset, split_csv = prepared
+    return train_model(TrainRun(dataset, split_csv, out, config, augment, checkpoint_uri), False)
 
 
 def test_train_then_evaluate(prepared: tuple[Path, Path], tmp_path: Path) -> None:
     dataset, split_csv = prepared
     config = TrainConfig(epochs=2, **TINY)
-    result = train_model(
-        dataset, split_csv, tmp_path / "model", config, AugmentConfig(), progress=False
-    )
+    result = fit(prepared, tmp_path / "model", config, AugmentConfig())
     assert [h["epoch"] for h in result.history] == [1, 2]
     assert {h["phase"] for h in result.history} == {"full"}  # tiny_cnn: nothing to freeze
-    assert result.images_per_s > 0 and result.resumed_from_epoch is None
+    assert result.train_images_per_s > 0 and result.resumed_from_epoch is None
     bundle = ModelBundle.load(tmp_path / "model")
     assert bundle.preprocess.image_size == 32
     meta = bundle.metadata
@@ -36,8 +46,11 @@ def test_train_then_evaluate(prepared: tuple[Path, Path], tmp_path: Path) -> Non
     assert len(meta["data"]["split_fingerprint"]) == 64 and meta["augment"]["crop_scale"] == 0.85
     assert len(meta["data"]["dataset_fingerprint"] or "") == 64  # from ingest's report
     evaluation = evaluate_model(tmp_path / "model", dataset, split_csv)
-    assert evaluation.num_images == 12 and 0.0 <= evaluation.accuracy <= 1.0
-    assert sum(map(sum, evaluation.confusion)) == 12
+    assert evaluation.num_images == 12 and sum(map(sum, evaluation.confusion)) == 12
+    correct = sum(evaluation.confusion[k][k] for k in range(4))
+    assert evaluation.accuracy == pytest.approx(correct / 12)  # accuracy is the diagonal's share
+    recalls = [s.recall for s in evaluation.per_class.values()]
+    assert evaluation.balanced_accuracy == pytest.approx(sum(recalls) / 4)
     assert set(evaluation.per_class) == set(bundle.class_names)
     report = render_report(evaluation)
     assert "## Model card" in report and "tiny_cnn" in report
@@ -46,11 +59,10 @@ def test_train_then_evaluate(prepared: tuple[Path, Path], tmp_path: Path) -> Non
 def test_pretrained_backbone_trains_head_then_whole_network(
     prepared: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    dataset, split_csv = prepared
     config = TrainConfig(
-        backbone="efficientnet_lite0", epochs=2, head_epochs=1, schedule="cosine", **TINY
+        **{**TINY, "backbone": "efficientnet_lite0"}, epochs=2, head_epochs=1, schedule="cosine"
     )
-    result = train_model(dataset, split_csv, tmp_path / "model", config, progress=False)
+    result = fit(prepared, tmp_path / "model", config)
     assert [h["phase"] for h in result.history] == ["head", "full"]
     bundle = ModelBundle.load(tmp_path / "model")
     assert bundle.metadata["pretrained_weights"].endswith("efficientnet-lite0-57934424.pth")
@@ -62,7 +74,7 @@ def test_head_phase_leaves_at_least_one_whole_network_epoch() -> None:
     assert TrainConfig(epochs=1, head_epochs=1, **lite).head_only_epochs == 0
     assert TrainConfig(epochs=5, head_epochs=2, **lite).head_only_epochs == 2
     assert TrainConfig(epochs=5, head_epochs=2, pretrained=False, **lite).head_only_epochs == 0
-    assert TrainConfig(epochs=5, head_epochs=2).head_only_epochs == 0  # tiny_cnn: no weights
+    assert TrainConfig(backbone="tiny_cnn", epochs=5, head_epochs=2).head_only_epochs == 0
 
 
 def test_head_phase_trains_only_the_head() -> None:
@@ -77,12 +89,8 @@ def test_head_phase_trains_only_the_head() -> None:
 
 
 def test_same_seed_same_training(prepared: tuple[Path, Path], tmp_path: Path) -> None:
-    dataset, split_csv = prepared
     config = TrainConfig(epochs=1, **TINY)
-    runs = [
-        train_model(dataset, split_csv, tmp_path / f"m{i}", config, AugmentConfig(), False)
-        for i in range(2)
-    ]
+    runs = [fit(prepared, tmp_path / f"m{i}", config, AugmentConfig()) for i in range(2)]
     keep = ("train_loss", "val_loss", "val_accuracy")
     assert [{k: h[k] for k in keep} for h in runs[0].history] == [
         {k: h[k] for k in keep} for h in runs[1].history
@@ -95,7 +103,7 @@ class Crash(RuntimeError):
 
 def crash_on_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> list[int]:
     """Make validation fail in ``epoch`` (a killed pod); returns the epochs validated."""
-    real, seen = train_module.evaluate_loader, []
+    real, seen = train_module.evaluate, []
 
     def validate(*args: object, **kwargs: object) -> tuple[float, float]:
         seen.append(len(seen) + 1)
@@ -103,7 +111,7 @@ def crash_on_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> list[int]:
             raise Crash(f"killed in epoch {epoch}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate_loader", validate)
+    monkeypatch.setattr(train_module, "evaluate", validate)
     return seen
 
 
@@ -114,26 +122,21 @@ def test_a_retried_run_resumes_from_the_minio_checkpoint(
     bucket: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    dataset, split_csv = prepared
     config = TrainConfig(epochs=3, **TINY)
     uri = f"s3://{bucket}/checkpoints/run-1"
     crash_on_epoch(monkeypatch, 3)
     with pytest.raises(Crash):
-        train_model(dataset, split_csv, tmp_path / "m", config, progress=False, checkpoint_uri=uri)
+        fit(prepared, tmp_path / "m", config, checkpoint_uri=uri)
     assert store.exists(S3Uri.parse(uri).child("last.pt"))
 
     validated = crash_on_epoch(monkeypatch, 99)
-    result = train_model(
-        dataset, split_csv, tmp_path / "m", config, progress=False, checkpoint_uri=uri
-    )
+    result = fit(prepared, tmp_path / "m", config, checkpoint_uri=uri)
     assert result.resumed_from_epoch == 2 and validated == [1]  # only epoch 3 ran again
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert ModelBundle.load(tmp_path / "m").metadata["resumed_from_epoch"] == 2
 
     # a finished checkpoint: the retry only rewrites the bundle
-    again = train_model(
-        dataset, split_csv, tmp_path / "m2", config, progress=False, checkpoint_uri=uri
-    )
+    again = fit(prepared, tmp_path / "m2", config, checkpoint_uri=uri)
     assert again.resumed_from_epoch == 3 and validated == [1]
     assert again.best_val_accuracy == result.best_val_accuracy
 
@@ -141,23 +144,19 @@ def test_a_retried_run_resumes_from_the_minio_checkpoint(
 def test_a_checkpoint_of_another_configuration_is_not_resumed(
     prepared: tuple[Path, Path], tmp_path: Path
 ) -> None:
-    dataset, split_csv = prepared
     folder = str(tmp_path / "ckpt")
-    train_model(
-        dataset, split_csv, tmp_path / "a", TrainConfig(epochs=1, **TINY), checkpoint_uri=folder
-    )
+    fit(prepared, tmp_path / "a", TrainConfig(epochs=1, **TINY), checkpoint_uri=folder)
     other = TrainConfig(epochs=1, learning_rate=0.001, **TINY)
-    result = train_model(dataset, split_csv, tmp_path / "b", other, checkpoint_uri=folder)
+    result = fit(prepared, tmp_path / "b", other, checkpoint_uri=folder)
     assert result.resumed_from_epoch is None
 
 
 def test_early_stopping_on_validation(
     prepared: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    dataset, split_csv = prepared
-    monkeypatch.setattr(train_module, "evaluate_loader", lambda *a, **k: (0.5, 1.0))
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **k: (0.5, 1.0))
     config = TrainConfig(epochs=8, patience=2, **TINY)
-    result = train_model(dataset, split_csv, tmp_path / "m", config, progress=False)
+    result = fit(prepared, tmp_path / "m", config)
     # epoch 1 is best; stale after 2 and 3, but no stop before half of the 8 epochs are done
     assert result.stopped_early and len(result.history) == 4 and result.best_epoch == 1
 

