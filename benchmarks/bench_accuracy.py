@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 
 from benchmarks.common import (
@@ -47,7 +48,7 @@ from components.config import (
     to_dict,
 )
 from components.evaluate import evaluate_model
-from components.ingest import ingest_dataset
+from components.ingest import IngestReport, ingest_dataset
 from components.split import leaked_groups, split_manifest
 from components.train import TrainRun, resolve_workers, train_model
 
@@ -92,32 +93,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    started = time.perf_counter()
+def prepare(args: argparse.Namespace, work: Path) -> tuple[IngestReport, Path, pd.DataFrame]:
+    """Ingest (pixel-identical copies collapse) and split (grouped by content, leakage-checked)
+    the data into ``work``: the ingest report, the dataset folder, the split manifest."""
     source = args.data
     if args.limit_per_class:
         source = limited_copy(args.data, work / "source", args.limit_per_class)
     print(f"ingest {source}", flush=True)
     report = ingest_dataset(str(source), work / "dataset")
-    dataset = work / "dataset"
-    manifest = read_manifest(dataset / MANIFEST_FILE)
-    # ingest collapsed pixel-identical copies; split groups by content and checks for leakage
+    manifest = read_manifest(work / "dataset" / MANIFEST_FILE)
     split = split_manifest(manifest, args.val_fraction, args.test_fraction, args.split_seed)
-    leaked = leaked_groups(split)
     split.to_csv(work / "split.csv", index=False)
+    return report, work / "dataset", split
 
-    config, augment = args.train, args.augment
-    run = TrainRun(
-        dataset, work / "split.csv", work / "model", config, augment, args.checkpoint_dir
-    )
-    result = train_model(run)
-    evaluation = evaluate_model(work / "model", dataset, work / "split.csv")
 
+def bare_loops(
+    args: argparse.Namespace, dataset: Path, split: pd.DataFrame
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The bare torchvision loop's throughput on the same backbone, batch and device: plain,
+    and in channels-last (the train step's memory format)."""
+    config = args.train
     device = pick_device(config.device)
     preprocess = get_backbone(config.backbone).preprocess(config.image_size)
     sample = split[split["split"] == "train"].head(config.batch_size * (args.bare_steps + 2))
     cached = load_image_set(dataset, sample, list(CLASS_NAMES), preprocess, desc="decode bare")
-    bare, bare_cl = (
+    plain, channels_last = (
         bare_loop_throughput(
             config.backbone,
             cached.images,
@@ -128,13 +128,32 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             device,
             num_workers=resolve_workers(config, device),
             learning_rate=config.peak_learning_rate,
-            channels_last=channels_last,
+            channels_last=layout,
         )
-        for channels_last in (False, True)
+        for layout in (False, True)
     )
+    return plain, channels_last
+
+
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """Prepare, train, score, compare with the bare loop; the result record (long: it is the
+    JSON's schema, written out as one literal)."""
+    started = time.perf_counter()
+    report, dataset, split = prepare(args, work)
+    config, augment = args.train, args.augment
+    train_run = TrainRun(
+        dataset, work / "split.csv", work / "model", config, augment, args.checkpoint_dir
+    )
+    result = train_model(train_run)
+    evaluation = evaluate_model(work / "model", dataset, work / "split.csv")
+    bare, bare_cl = bare_loops(args, dataset, split)
     ratio = result.train_images_per_s / bare["images_per_s"]
     minutes = result.training_seconds / 60
-    outcome = {
+    device = pick_device(config.device)
+    return {
+        "benchmark": "accuracy",
+        "smoke": bool(args.smoke),
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "accuracy": evaluation.accuracy,
         "balanced_accuracy": evaluation.balanced_accuracy,
         "macro_auc": evaluation.macro_auc,
@@ -148,12 +167,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "throughput_ratio": ratio,
         "bare_torchvision_loop_channels_last": bare_cl,
         "throughput_ratio_same_memory_format": result.train_images_per_s / bare_cl["images_per_s"],
-    }
-    return {
-        "benchmark": "accuracy",
-        "smoke": bool(args.smoke),
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        **outcome,
         "goals": GOALS,
         "goals_met": {
             "accuracy": evaluation.accuracy >= GOALS["accuracy"],
@@ -171,7 +184,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "split_fractions": {"val": args.val_fraction, "test": args.test_fraction},
             "split_seed": args.split_seed,
             "split_sizes": {k: int(v) for k, v in split["split"].value_counts().items()},
-            "images_in_two_splits": leaked,
+            "images_in_two_splits": leaked_groups(split),
         },
         "training": {
             "config": to_dict(config),

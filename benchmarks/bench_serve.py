@@ -51,10 +51,10 @@ from PIL import Image
 
 from benchmarks.common import RESULTS_DIR, SHARED_TRAINING, write_json
 from brainmri import CLASS_NAMES
+from brainmri.cpu import cpu_budget
 from brainmri.demo_data import synthetic_slice
 from brainmri.images import IMAGE_SUFFIXES, PreprocessConfig, decode_image
 from brainmri.model import ModelBundle, build_model
-from brainmri.cpu import cpu_budget
 from serving.process import ServerProcess, serve_in_subprocess
 
 RESULT_PATH = RESULTS_DIR / "serve.json"
@@ -292,7 +292,23 @@ def drive(
     for thread in threads:
         thread.join()
     seconds = time.perf_counter() - started
-    server_cpu, client_cpu = cpu_seconds(pid) - server_cpu, time.process_time() - client_cpu
+    cores = (
+        (cpu_seconds(pid) - server_cpu) / seconds,
+        (time.process_time() - client_cpu) / seconds,
+    )
+    return _setting(load, concurrency, latencies, errors, seconds, cores)
+
+
+def _setting(
+    load: Load,
+    concurrency: int,
+    latencies: list[float],
+    errors: list[str],
+    seconds: float,
+    cores: tuple[float, float],
+) -> Setting:
+    """One setting's figures from its answered requests' latencies (s) and its errors."""
+    batch_size = load.batch_size
     ms = np.asarray(latencies or [float("nan")]) * 1000
     p50, p95, p99 = np.percentile(ms, [50, 95, 99])
     return Setting(
@@ -310,8 +326,8 @@ def drive(
         p99_ms=round(float(p99), 2),
         mean_ms=round(float(np.mean(ms)), 2),
         max_ms=round(float(np.max(ms)), 2),
-        server_cores=round(server_cpu / seconds, 2),
-        client_cores=round(client_cpu / seconds, 2),
+        server_cores=round(cores[0], 2),
+        client_cores=round(cores[1], 2),
         first_error=errors[0] if errors else None,
     )
 
@@ -403,7 +419,7 @@ def print_summary(result: dict[str, Any]) -> None:
         )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve", description=__doc__)
     parser.add_argument("--model-dir", type=Path, help="a saved bundle (default: fresh tiny_cnn)")
     parser.add_argument("--image-size", type=int, default=128, help="input size of the default")
@@ -421,16 +437,49 @@ def main(argv: list[str] | None = None) -> int:
         help="one more flag for python -m serving (repeatable), e.g. --server-arg=--workers=2",
     )
     parser.add_argument("--output", type=Path, default=RESULT_PATH)
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
 
-    server_args = []
-    if args.torch_threads:
-        server_args += ["--torch_threads", str(args.torch_threads)]
-    if args.decode_workers:
-        server_args += ["--decode_workers", str(args.decode_workers)]
-    if args.forward_workers:
-        server_args += ["--forward_workers", str(args.forward_workers)]
-    server_args += args.server_arg
+
+def server_flags(args: argparse.Namespace) -> list[str]:
+    """The ``python -m serving`` flags the benchmark's own flags ask for."""
+    flags = []
+    for name in ("torch_threads", "decode_workers", "forward_workers"):
+        if getattr(args, name):
+            flags += [f"--{name}", str(getattr(args, name))]
+    return flags + args.server_arg
+
+
+def drive_server(
+    server: ServerProcess, bundle: ModelBundle, images: list[bytes], args: argparse.Namespace
+) -> list[Setting]:
+    """Every setting (batch size x concurrency, then the FP32 reference), each after a warm-up."""
+    runs = [(image_load(images, b), c) for b in args.batch_sizes for c in args.concurrency]
+    # for reference only, and kept short: KServe 0.21 turns a binary REST tensor into a
+    # Python list before the model sees it, which makes this path slow
+    runs.append((pixels_load(bundle, images, max(args.batch_sizes)), TAIL_CONCURRENCY))
+    settings = []
+    for load, concurrency in runs:
+        drive(server.port, server.process.pid, load, concurrency, concurrency * 2, 10.0)
+        images_to_send = args.images_per_setting
+        if load.protocol != IMAGE_PROTOCOL:
+            images_to_send //= 6
+        count = max(concurrency, images_to_send // load.batch_size)
+        setting = drive(
+            server.port, server.process.pid, load, concurrency, count, args.max_seconds_per_setting
+        )
+        settings.append(setting)
+        print(
+            f"server {load.protocol} c={concurrency} b={load.batch_size}: "
+            f"{setting.images_per_s} images/s, p50 {setting.p50_ms} ms, "
+            f"p99 {setting.p99_ms} ms, {setting.errors} errors",
+            flush=True,
+        )
+    return settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    server_args = server_flags(args)
     load_before = os.getloadavg()
     images, source = load_images()
     started = time.perf_counter()
@@ -445,30 +494,9 @@ def main(argv: list[str] | None = None) -> int:
             raw_rows[batch_size]["decode_preprocess_forward_images_per_s"] = round(
                 decode_and_forward(bundle, images, batch_size, args.images_per_setting, 6.0), 1
             )
-        settings: list[Setting] = []
         server_log = Path(tmp) / "server.log"
         with model_server(model_dir, server_args, server_log) as server:
-            port, pid = server.port, server.process.pid
-            runs = [(image_load(images, b), c) for b in args.batch_sizes for c in args.concurrency]
-            # for reference only, and kept short: KServe 0.21 turns a binary REST tensor into a
-            # Python list before the model sees it, which makes this path slow
-            runs.append((pixels_load(bundle, images, max(args.batch_sizes)), TAIL_CONCURRENCY))
-            for load, concurrency in runs:
-                batch_size = load.batch_size
-                warm_up = concurrency * 2
-                drive(port, pid, load, concurrency, warm_up, 10.0)
-                images_to_send = args.images_per_setting
-                if load.protocol != IMAGE_PROTOCOL:
-                    images_to_send //= 6
-                count = max(concurrency, images_to_send // batch_size)
-                setting = drive(port, pid, load, concurrency, count, args.max_seconds_per_setting)
-                settings.append(setting)
-                print(
-                    f"server {load.protocol} c={concurrency} b={batch_size}: "
-                    f"{setting.images_per_s} images/s, p50 {setting.p50_ms} ms, "
-                    f"p99 {setting.p99_ms} ms, {setting.errors} errors",
-                    flush=True,
-                )
+            settings = drive_server(server, bundle, images, args)
         threads = server_threads(server_log)
         measure_raw(bundle, raw, raw_rows, "after", args.images_per_setting)
         for batch_size, row in raw_rows.items():
@@ -504,7 +532,6 @@ def main(argv: list[str] | None = None) -> int:
         "server": [asdict(s) for s in settings],
         "goals": goals(raw, settings),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
     write_json(result, args.output)
     print_summary(result)
     print(f"\nwrote {args.output}")

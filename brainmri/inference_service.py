@@ -90,7 +90,7 @@ class InferenceServiceSpec:
 
 
 def render_inference_service(spec: InferenceServiceSpec) -> dict[str, Any]:
-    """The full InferenceService manifest for ``spec``.
+    """The full InferenceService manifest for ``spec`` (long: the manifest, as one literal).
 
     The model server's HTTP port also serves ``/metrics``, so it is the Prometheus port, named
     both in KServe's own annotations (``prometheus.kserve.io/*``) and in the conventional

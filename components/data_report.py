@@ -9,16 +9,14 @@ from PIL import Image
 
 from brainmri.images import decode_image
 from components.ingest import IngestReport
+from components.report import markdown_table
 
 SIZE_BINS = [0, 256, 512, 1024, float("inf")]
 SIZE_LABELS = ["< 256 px", "256–511 px", "512–1023 px", "≥ 1024 px"]
 
 
 def _table(frame: pd.DataFrame) -> str:
-    header = "| " + " | ".join(map(str, frame.columns)) + " |"
-    rule = "|" + "---|" * len(frame.columns)
-    rows = ["| " + " | ".join(map(str, row)) + " |" for row in frame.itertuples(index=False)]
-    return "\n".join([header, rule, *rows])
+    return "\n".join(markdown_table(frame.columns, list(frame.itertuples(index=False))))
 
 
 def sample_grid(

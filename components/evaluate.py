@@ -1,8 +1,8 @@
 """Evaluate: score a model bundle on held-out images with scikit-learn metrics.
 
 Accuracy, balanced accuracy, per-class precision/recall/F1, one-vs-rest ROC curves and AUCs
-(macro average), the confusion matrix, the most confidently misclassified images, and a
-Markdown report with a model card. Runs on a split of the pipeline's dataset
+(macro average), the confusion matrix and the most confidently misclassified images (the
+Markdown report of them is :mod:`components.report`'s). Runs on a split of the pipeline's dataset
 (:func:`evaluate_model`) or on any class-per-folder tree (:func:`evaluate_folder`), also from the
 command line::
 
@@ -39,13 +39,12 @@ from brainmri.dataset import load_image_set
 from brainmri.images import ImageDecodeError, decode_image
 from brainmri.model import ModelBundle, load_bundle
 from brainmri.storage import StorageError
+from components.report import render_report
 from components.split import load_split
 
 WORST_SHOWN = 8  # misclassified images shown in the report
 THUMBNAIL_PX = 96
 MAX_ROC_POINTS = 200
-# the KFP UI truncates Markdown beyond 400,000 characters; stay well inside it
-MAX_REPORT_CHARS = 300_000
 
 
 @dataclass(frozen=True)
@@ -316,107 +315,6 @@ def evaluate_folder(
     evaluation = evaluate_bundle(bundle, data.images, data.labels, data.paths)
     evaluation.data = str(location)
     return evaluation, data.skipped
-
-
-# -- the Markdown report ---------------------------------------------------------------------
-
-
-def _pct(value: float | None) -> str:
-    return "n/a" if value is None else f"{100 * value:.2f} %"
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-
-
-def _model_card(evaluation: Evaluation) -> list[str]:
-    info = evaluation.model
-    meta = info.get("metadata", {})
-    config = meta.get("train_config", {})
-    data = meta.get("data", {})
-    history = meta.get("history", [])
-    preprocess = info.get("preprocess", {})
-    lines = ["## Model card", ""]
-    lines += _table(
-        ("field", "value"),
-        [
-            ("backbone", f"`{info.get('backbone', '?')}`"),
-            ("pretrained weights", f"`{meta.get('pretrained_weights') or 'none (random init)'}`"),
-            ("version", meta.get("version", "not promoted yet")),
-            (
-                "input",
-                f"{preprocess.get('image_size', '?')} px {preprocess.get('mode', 'RGB')}, "
-                f"mean {preprocess.get('mean')}, std {preprocess.get('std')}",
-            ),
-            ("dataset fingerprint", f"`{data.get('dataset_fingerprint') or 'n/a'}`"),
-            ("split fingerprint", f"`{data.get('split_fingerprint', 'n/a')}`"),
-            ("split sizes", data.get("split_sizes", "n/a")),
-            ("training set per class", data.get("class_counts", {}).get("train", "n/a")),
-            ("evaluated on", f"`{evaluation.data}` ({evaluation.num_images} images)"),
-            ("best validation accuracy", _pct(meta.get("best_val_accuracy"))),
-            ("best epoch", f"{meta.get('best_epoch', '?')} of {len(history)} run"),
-            ("training time", f"{meta.get('training_seconds', 0) / 60:.1f} min"),
-            ("training throughput", f"{meta.get('train_images_per_s', 0):.1f} images/s"),
-            ("device", meta.get("device", "?")),
-        ],
-    )
-    if config:
-        lines += ["", "Hyper-parameters:", ""]
-        lines += _table(("parameter", "value"), sorted(config.items()))
-    if meta.get("augment"):
-        lines += ["", "Augmentation (training only):", ""]
-        lines += _table(("parameter", "value"), sorted(meta["augment"].items()))
-    lines += [
-        "",
-        "Intended use: research and MLOps demonstration on 2-D brain-MRI slices of the four "
-        "classes above. Not a medical device; not validated for diagnosis. Scores hold for data "
-        "like the training distribution (the public Kaggle 'Brain Tumor MRI' collection).",
-    ]
-    return lines
-
-
-def render_report(evaluation: Evaluation, title: str = "Brain-MRI classifier evaluation") -> str:
-    """Markdown for the KFP UI: metrics, per-class scores, confusion matrix, worst errors inline
-    (base64 PNG thumbnails), and the model card. Kept under :data:`MAX_REPORT_CHARS`."""
-    names = evaluation.class_names
-    lines = [f"# {title}", "", f"Data: `{evaluation.data}`, {evaluation.num_images} images.", ""]
-    lines += _table(
-        ("metric", "value"),
-        [
-            ("accuracy", _pct(evaluation.accuracy)),
-            ("balanced accuracy", _pct(evaluation.balanced_accuracy)),
-            ("macro AUC (one-vs-rest)", _pct(evaluation.macro_auc)),
-        ],
-    )
-    lines += ["", "## Per class", ""]
-    lines += _table(
-        ("class", "precision", "recall", "F1", "AUC", "images"),
-        [
-            (n, _pct(s.precision), _pct(s.recall), _pct(s.f1), _pct(s.auc), s.support)
-            for n, s in evaluation.per_class.items()
-        ],
-    )
-    lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
-    lines += _table(
-        ("true \\ predicted", *names),
-        [(names[i], *row) for i, row in enumerate(evaluation.confusion)],
-    )
-    card = ["", *_model_card(evaluation)]
-    lines += ["", "## Most confident mistakes", ""]
-    if not evaluation.worst:
-        lines.append("None: every image was classified correctly.")
-    else:
-        rows = []
-        budget = MAX_REPORT_CHARS - len("\n".join(lines + card)) - 2_000
-        for m in evaluation.worst:
-            image = f"![{m.true_label}](data:image/png;base64,{m.thumbnail_png})"
-            if not m.thumbnail_png or len(image) > budget:
-                image = "(not shown)"
-            budget -= len(image)
-            rows.append((image, f"`{m.path}`", m.true_label, m.predicted_label, _pct(m.confidence)))
-        lines += _table(("image", "file", "true", "predicted", "confidence"), rows)
-    return "\n".join(lines + card) + "\n"
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def train(
     """
     from components.config import AugmentConfig, TrainConfig, from_dict
     from components.train import TrainRun
-    from components.train_job import run_training
+    from components.train_job import Replicas, run_training
 
     run = TrainRun(
         dataset.path,
@@ -134,9 +134,7 @@ def train(
         from_dict(AugmentConfig, augment_config),
         checkpoint_uri or None,
     )
-    trained = run_training(
-        run, workers=workers, namespace=namespace, run_id=run_id, models_bucket=models_bucket
-    )
+    trained = run_training(run, Replicas(workers, namespace, run_id, models_bucket))
     model.metadata.update(
         {
             "backbone": run.train.backbone,
@@ -178,7 +176,8 @@ def evaluate(
     from pathlib import Path
     from typing import NamedTuple
 
-    from components.evaluate import evaluate_model, render_report
+    from components.evaluate import evaluate_model
+    from components.report import render_report
     from components.split import load_split
 
     split_csv = Path(split_manifest_csv.path)

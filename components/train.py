@@ -11,8 +11,9 @@ threads set to the CPU budget, no workers (the images are decoded once and cache
 tensors, so a worker would only compete with the compute threads for the cores).
 
 With a ``checkpoint_uri`` (``s3://bucket/prefix`` on MinIO, or a local folder) the whole
-:class:`TrainState` is saved after every epoch and a retried run resumes after the last finished
-epoch. What training did is one :class:`TrainResult`, saved as the model bundle's metadata.
+training state is saved after every epoch and a retried run resumes after the last finished
+epoch (:mod:`components.checkpoint`). What training did is one :class:`TrainResult`, saved as
+the model bundle's metadata.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -46,15 +46,14 @@ from brainmri.model import (
     load_pretrained_weights,
     pick_device,
 )
-from brainmri.storage import ObjectStore, fetch, location_exists, publish
+from brainmri.storage import ObjectStore
 from components.augment import build_transform
+from components.checkpoint import Checkpoints, TrainState
 from components.config import AugmentConfig, TrainConfig, from_dict, to_dict
 from components.distributed import DistributedContext
 from components.ingest import recorded_fingerprint
 from components.split import load_split
 
-CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_FORMAT = 2
 # knobs that may differ between a run and its retry without invalidating the checkpoint
 _RUNTIME_FIELDS = ("device", "num_workers", "cpu_threads")
 
@@ -135,80 +134,6 @@ def steady_images_per_s(history: list[dict[str, Any]]) -> float:
     epochs = epochs[1:] if len(epochs) >= 3 else epochs
     seconds = sum(h["train_images"] / h["images_per_s"] for h in epochs)
     return sum(h["train_images"] for h in epochs) / seconds if seconds else 0.0
-
-
-@dataclass
-class TrainState:
-    """Where training is: what a checkpoint holds, and what a resumed run continues from."""
-
-    epoch: int = 0  # the last finished epoch
-    phase: str | None = None  # "head" or "full"
-    finished: bool = False
-    stopped_early: bool = False
-    history: list[dict[str, Any]] = field(default_factory=list)
-    best_score: tuple[float, float] = (-1.0, float("-inf"))  # (val accuracy, -val loss)
-    best_epoch: int = 0
-    best_weights: dict[str, torch.Tensor] | None = None
-    stale_epochs: int = 0
-    training_seconds: float = 0.0
-    model: dict[str, Any] | None = None  # the latest weights, and what continues them
-    optimizer: dict[str, Any] | None = None
-    scheduler: dict[str, Any] | None = None
-    scaler: dict[str, Any] | None = None
-
-    def record(self, row: dict[str, Any], model: nn.Module) -> None:
-        """Add an epoch's row; keep ``model``'s weights when they score best so far."""
-        self.history.append(row)
-        self.epoch = row["epoch"]
-        score = (row["val_accuracy"], -row["val_loss"])
-        if score > self.best_score:
-            self.best_score, self.best_epoch, self.stale_epochs = score, row["epoch"], 0
-            self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        else:
-            self.stale_epochs += 1
-
-    def to_checkpoint(
-        self, identity: dict[str, Any], model: nn.Module, phase: _Phase, runner: _Runner
-    ) -> dict[str, Any]:
-        """This state with the live weights, optimiser, schedule and loss scaler, as saved."""
-        self.model = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        self.optimizer = phase.optimizer.state_dict()
-        self.scheduler = phase.scheduler.state_dict()
-        self.scaler = runner.scaler.state_dict()
-        checkpoint = asdict(self) | {"best_score": list(self.best_score)}
-        return checkpoint | {"format": CHECKPOINT_FORMAT, "identity": identity}
-
-    @classmethod
-    def from_checkpoint(cls, saved: dict[str, Any], identity: dict[str, Any]) -> TrainState | None:
-        """The state of a checkpoint of this very run (configuration and split), else None."""
-        if saved.get("format") != CHECKPOINT_FORMAT or saved.get("identity") != identity:
-            return None
-        values = {f.name: saved[f.name] for f in fields(cls)}
-        return cls(**{**values, "best_score": tuple(values["best_score"])})
-
-
-class Checkpoints:
-    """The last :class:`TrainState`, ``last.pt`` under an ``s3://`` prefix or a local folder."""
-
-    def __init__(self, location: str, store: ObjectStore | None = None) -> None:
-        self.location = f"{location.rstrip('/')}/{CHECKPOINT_FILE}"
-        self.store = store
-
-    def __str__(self) -> str:
-        return self.location
-
-    def load(self) -> dict[str, Any] | None:
-        """The saved checkpoint, or None when there is none yet."""
-        if not location_exists(self.location, self.store):
-            return None
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            path = fetch(self.location, Path(tmp) / CHECKPOINT_FILE, self.store)
-            return torch.load(path, map_location="cpu", weights_only=True)
-
-    def save(self, checkpoint: dict[str, Any]) -> None:
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            torch.save(checkpoint, Path(tmp) / CHECKPOINT_FILE)
-            publish(Path(tmp) / CHECKPOINT_FILE, self.location, self.store)
 
 
 class AugmentedImages(TorchDataset):
@@ -398,36 +323,10 @@ def _set_up(run: TrainRun) -> _Setup:
     seed_everything(config.seed)
     preprocess = get_backbone(config.backbone).preprocess(config.image_size)
     frame = load_split(Path(run.split_csv))
-    sets = {
-        name: load_image_set(
-            Path(run.dataset),
-            frame[frame["split"] == name],
-            list(CLASS_NAMES),
-            preprocess,
-            desc=f"decode {name}",
-            workers=max(4, cpu_budget()),
-        )
-        for name in ("train", "val")
-    }
-    if len(sets["train"]) == 0 or len(sets["val"]) == 0:
-        raise ValueError(f"{run.split_csv}: the train and val splits must both hold images")
     workers, generator = resolve_workers(config, device), torch.Generator()
-
-    def loader(data: ImageSet, train: bool) -> DataLoader:
-        dataset = AugmentedImages(data, run.augment if train else None, config.image_size)
-        sampler = ctx.sampler(dataset, shuffle=True, seed=config.seed) if train else None
-        return DataLoader(
-            dataset,
-            batch_size=config.batch_size if train else 2 * config.batch_size,
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            drop_last=train and len(data) >= 2 * config.batch_size,  # no tiny last batch for BN
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=device.type == "cuda",
-            generator=generator,
-        )
-
+    train_loader, val_loader = (
+        _loader(run, frame, name, ctx, device, workers, generator) for name in ("train", "val")
+    )
     runner = _Runner(config, device, preprocess.normalize())
     model = build_model(config.backbone, len(CLASS_NAMES))
     weights_source = load_pretrained_weights(model, config.backbone) if config.pretrained else None
@@ -438,7 +337,6 @@ def _set_up(run: TrainRun) -> _Setup:
         "split_fingerprint": split_fingerprint(frame),
         "class_names": list(CLASS_NAMES),
     }
-    train_loader, val_loader = loader(sets["train"], True), loader(sets["val"], False)
     return _Setup(
         config,
         ctx,
@@ -453,6 +351,45 @@ def _set_up(run: TrainRun) -> _Setup:
         model,
         weights_source,
         identity,
+    )
+
+
+def _loader(
+    run: TrainRun,
+    frame: pd.DataFrame,
+    split: str,
+    ctx: DistributedContext,
+    device: torch.device,
+    workers: int,
+    generator: torch.Generator,
+) -> DataLoader:
+    """The images of one split, decoded once; training ones shuffled (sharded under DDP) and
+    augmented."""
+    config, train = run.train, split == "train"
+    preprocess = get_backbone(config.backbone).preprocess(config.image_size)
+    rows = frame[frame["split"] == split]
+    if rows.empty:
+        raise ValueError(f"{run.split_csv}: the train and val splits must both hold images")
+    data = load_image_set(
+        Path(run.dataset),
+        rows,
+        list(CLASS_NAMES),
+        preprocess,
+        desc=f"decode {split}",
+        workers=max(4, cpu_budget()),
+    )
+    dataset = AugmentedImages(data, run.augment if train else None, config.image_size)
+    sampler = ctx.sampler(dataset, shuffle=True, seed=config.seed) if train else None
+    return DataLoader(
+        dataset,
+        batch_size=config.batch_size if train else 2 * config.batch_size,
+        shuffle=train and sampler is None,
+        sampler=sampler,
+        drop_last=train and len(data) >= 2 * config.batch_size,  # no tiny last batch for BN
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=device.type == "cuda",
+        generator=generator,
     )
 
 
@@ -482,6 +419,36 @@ def _stops_early(state: TrainState, config: TrainConfig, phase: str) -> bool:
     )
 
 
+def _run_epoch(
+    epoch: int, phase: _Phase, s: _Setup, loss_fn: nn.Module, progress: bool
+) -> dict[str, Any]:
+    """Train one epoch, score the model on val; the epoch's row of the history."""
+    config, started = s.config, time.perf_counter()
+    seed_everything(config.seed * 10_000 + epoch)  # same shuffle and augmentation on resume
+    s.generator.manual_seed(config.seed * 10_000 + epoch)
+    if isinstance(s.train_loader.sampler, DistributedSampler):
+        s.train_loader.sampler.set_epoch(epoch)
+    _set_mode(s.model, phase.name, config.backbone)
+    desc = f"epoch {epoch}/{config.epochs} ({phase.name})" if progress and s.ctx.is_main else ""
+    stats = train_one_epoch(phase, s.train_loader, loss_fn, s.runner, desc)
+    seen, correct, loss_sum = s.ctx.sum(list(stats))  # over every rank's shard
+    train_seconds = time.perf_counter() - started
+    # every rank scores the whole val split with the same weights: same early-stop decision
+    val_accuracy, val_loss = evaluate(s.model, s.val_loader, s.runner)
+    return {
+        "epoch": epoch,
+        "phase": phase.name,
+        "learning_rate": phase.scheduler.get_last_lr()[0],
+        "train_loss": loss_sum / seen,
+        "train_accuracy": correct / seen,
+        "val_loss": val_loss,
+        "val_accuracy": val_accuracy,
+        "train_images": int(seen),
+        "images_per_s": seen / train_seconds,
+        "epoch_seconds": time.perf_counter() - started,
+    }
+
+
 def train_model(
     run: TrainRun, progress: bool = True, store: ObjectStore | None = None
 ) -> TrainResult:
@@ -503,45 +470,19 @@ def train_model(
             if phase is not None:
                 state.stale_epochs = 0  # a new phase gets its own patience
             phase = _start_phase(name, s, resume if phase is None else None)
-        epoch_started = time.perf_counter()
-        seed_everything(config.seed * 10_000 + epoch)  # same shuffle and augmentation on resume
-        s.generator.manual_seed(config.seed * 10_000 + epoch)
-        if isinstance(s.train_loader.sampler, DistributedSampler):
-            s.train_loader.sampler.set_epoch(epoch)
-        _set_mode(s.model, name, config.backbone)
-        desc = f"epoch {epoch}/{config.epochs} ({name})" if progress and s.ctx.is_main else ""
-        # summed over every rank's shard
-        seen, correct, loss_sum = s.ctx.sum(
-            list(train_one_epoch(phase, s.train_loader, loss_fn, s.runner, desc))
-        )
-        train_seconds = time.perf_counter() - epoch_started
-        # every rank scores the whole val split with the same weights: same early-stop decision
-        val_accuracy, val_loss = evaluate(s.model, s.val_loader, s.runner)
-        row = {
-            "epoch": epoch,
-            "phase": name,
-            "learning_rate": phase.scheduler.get_last_lr()[0],
-            "train_loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
-            "val_loss": val_loss,
-            "val_accuracy": val_accuracy,
-            "train_images": int(seen),
-            "images_per_s": seen / train_seconds,
-            "epoch_seconds": time.perf_counter() - epoch_started,
-        }
+        row = _run_epoch(epoch, phase, s, loss_fn, progress)
         state.phase = name
         state.record(row, s.model)
         print(json.dumps(row), flush=True)
         state.stopped_early = _stops_early(state, config, name)
         state.finished = state.stopped_early or epoch == config.epochs
         if state.stopped_early:
-            print(
-                f"early stop: {state.stale_epochs} epochs without a better val score "
-                f"(best: {state.best_epoch})"
-            )
+            best = f"best: epoch {state.best_epoch}"
+            print(f"early stop: {state.stale_epochs} epochs without a better val score ({best})")
         state.training_seconds = elapsed_before + time.perf_counter() - started
         if checkpoints is not None and s.ctx.is_main:
-            checkpoints.save(state.to_checkpoint(s.identity, s.model, phase, s.runner))
+            live = (s.model, phase.optimizer, phase.scheduler, s.runner.scaler)
+            checkpoints.save(state.to_checkpoint(s.identity, *live))
     state.training_seconds = elapsed_before + time.perf_counter() - started
     return _finish(run, s, state, resumed_from)
 

@@ -193,16 +193,21 @@ def launch_distributed_training(
     return manifest
 
 
-def run_training(
-    run: TrainRun,
-    *,
-    workers: int = 1,
-    namespace: str = "brain-mri",
-    run_id: str = "local",
-    models_bucket: str = "models",
-) -> TrainResult:
-    """The train step: in this process (``workers <= 1``) or as a PyTorchJob of ``workers``
-    replicas, its inputs staged under ``s3://<models_bucket>/staging/<run_id>``."""
+@dataclass(frozen=True)
+class Replicas:
+    """Where the train step trains: ``workers`` replicas (1: this process; more: a PyTorchJob in
+    ``namespace``, its inputs staged under ``s3://<models_bucket>/staging/<run_id>``)."""
+
+    workers: int = 1
+    namespace: str = "brain-mri"
+    run_id: str = "local"
+    models_bucket: str = "models"
+
+
+def run_training(run: TrainRun, replicas: Replicas | None = None) -> TrainResult:
+    """The train step: ``run`` in this process, or on a PyTorchJob of ``replicas``."""
+    replicas = replicas or Replicas()
+    workers, run_id = replicas.workers, replicas.run_id
     if workers <= 1:
         return train_model(run)
     from components import COMPONENT_IMAGE
@@ -215,13 +220,14 @@ def run_training(
         )
     job = TrainingJobSpec(
         name=f"brain-mri-train-{run_id}"[:63].rstrip("-").lower(),
-        namespace=namespace,
+        namespace=replicas.namespace,
         image=COMPONENT_IMAGE,
         workers=workers,
         args=[],
         gpus_per_worker=1 if torch.cuda.is_available() else 0,
     )
-    launch_distributed_training(run, job, S3Uri(models_bucket, f"staging/{run_id}"), api_client)
+    staging = S3Uri(replicas.models_bucket, f"staging/{run_id}")
+    launch_distributed_training(run, job, staging, api_client)
     return TrainResult.from_metadata(ModelBundle.read_metadata(Path(run.output)))
 
 

@@ -294,6 +294,7 @@ def _cmd_schedule(args: dict[str, Any]) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """Every command and its flags (long: one declaration per flag, read top to bottom)."""
     parser = argparse.ArgumentParser(
         prog="python -m pipelines",
         description=__doc__,

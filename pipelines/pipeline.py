@@ -59,7 +59,10 @@ Args:
 
 
 def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
-    """The pipeline compiled for ``options`` (default: ``ClusterOptions()``, manifests/base)."""
+    """The pipeline compiled for ``options`` (default: ``ClusterOptions()``, manifests/base).
+
+    Long on purpose: the DAG is written here once, one call per step with its inputs by name.
+    """
     options = options or ClusterOptions()
 
     def brain_mri_pipeline(

@@ -16,6 +16,7 @@ The HTTP port also serves ``/metrics`` (Prometheus), ``/v2/health/live`` and ``/
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 
 import torch
@@ -52,6 +53,7 @@ def _local_path(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """KServe's model-server flags plus this server's (long: one declaration per flag)."""
     parser = argparse.ArgumentParser(
         prog="python -m serving",
         description="Serve the brain-MRI tumour classifier (KServe v1 and v2 protocols).",
@@ -187,21 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     model_server.app.add_middleware(
         PayloadLimitMiddleware, max_bytes=args.max_payload_bytes, on_reject=rejected.inc
     )
-    ModelServer(
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        workers=args.workers,
-        max_threads=args.max_threads,
-        max_asyncio_workers=args.max_asyncio_workers,
-        enable_grpc=args.enable_grpc,
-        enable_docs_url=args.enable_docs_url,
-        enable_latency_logging=args.enable_latency_logging,
-        access_log_format=args.access_log_format,
-        event_loop=args.event_loop,
-        timeout_keep_alive=args.timeout_keep_alive,
-        ssl_certfile=args.ssl_certfile,
-        ssl_keyfile=args.ssl_keyfile,
-    ).start([model])
+    # every ModelServer option that KServe's own parser defines, as parsed
+    names = inspect.signature(ModelServer).parameters
+    server = ModelServer(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    server.start([model])
     return 0
 
 

@@ -11,7 +11,8 @@ import torch
 from brainmri import CLASS_NAMES
 from brainmri.model import ModelBundle, build_model, get_backbone
 from brainmri.storage import ObjectStore, S3Uri
-from components.evaluate import MAX_REPORT_CHARS, main, render_report, score_predictions
+from components.evaluate import main, score_predictions
+from components.report import MAX_REPORT_CHARS, render_report
 
 
 def constant_bundle(predicted: int = 0, image_size: int = 32) -> ModelBundle:

@@ -11,7 +11,8 @@ from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri
 from components import train as train_module
 from components.config import AugmentConfig, TrainConfig
-from components.evaluate import evaluate_model, render_report
+from components.evaluate import evaluate_model
+from components.report import render_report
 from components.train import TrainRun, _phase_optimizer, train_model
 
 TINY = {"backbone": "tiny_cnn", "image_size": 32, "batch_size": 16}

@@ -1,0 +1,113 @@
+"""The evaluation report, as Markdown for the KFP UI: metrics, per-class scores, the confusion
+matrix, the worst mistakes inline, and the model card; and the Markdown tables every report of
+the pipeline is made of."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from components.evaluate import Evaluation
+
+# the KFP UI truncates Markdown beyond 400,000 characters; stay well inside it
+MAX_REPORT_CHARS = 300_000
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
+    """A Markdown table, one string per line."""
+    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+
+
+def _model_card(evaluation: Evaluation) -> list[str]:
+    info = evaluation.model
+    meta = info.get("metadata", {})
+    config = meta.get("train_config", {})
+    data = meta.get("data", {})
+    history = meta.get("history", [])
+    preprocess = info.get("preprocess", {})
+    lines = ["## Model card", ""]
+    lines += markdown_table(
+        ("field", "value"),
+        [
+            ("backbone", f"`{info.get('backbone', '?')}`"),
+            ("pretrained weights", f"`{meta.get('pretrained_weights') or 'none (random init)'}`"),
+            ("version", meta.get("version", "not promoted yet")),
+            (
+                "input",
+                f"{preprocess.get('image_size', '?')} px {preprocess.get('mode', 'RGB')}, "
+                f"mean {preprocess.get('mean')}, std {preprocess.get('std')}",
+            ),
+            ("dataset fingerprint", f"`{data.get('dataset_fingerprint') or 'n/a'}`"),
+            ("split fingerprint", f"`{data.get('split_fingerprint', 'n/a')}`"),
+            ("split sizes", data.get("split_sizes", "n/a")),
+            ("training set per class", data.get("class_counts", {}).get("train", "n/a")),
+            ("evaluated on", f"`{evaluation.data}` ({evaluation.num_images} images)"),
+            ("best validation accuracy", _pct(meta.get("best_val_accuracy"))),
+            ("best epoch", f"{meta.get('best_epoch', '?')} of {len(history)} run"),
+            ("training time", f"{meta.get('training_seconds', 0) / 60:.1f} min"),
+            ("training throughput", f"{meta.get('train_images_per_s', 0):.1f} images/s"),
+            ("device", meta.get("device", "?")),
+        ],
+    )
+    if config:
+        lines += ["", "Hyper-parameters:", ""]
+        lines += markdown_table(("parameter", "value"), sorted(config.items()))
+    if meta.get("augment"):
+        lines += ["", "Augmentation (training only):", ""]
+        lines += markdown_table(("parameter", "value"), sorted(meta["augment"].items()))
+    lines += [
+        "",
+        "Intended use: research and MLOps demonstration on 2-D brain-MRI slices of the four "
+        "classes above. Not a medical device; not validated for diagnosis. Scores hold for data "
+        "like the training distribution (the public Kaggle 'Brain Tumor MRI' collection).",
+    ]
+    return lines
+
+
+def render_report(evaluation: Evaluation, title: str = "Brain-MRI classifier evaluation") -> str:
+    """Markdown for the KFP UI: metrics, per-class scores, confusion matrix, worst errors inline
+    (base64 PNG thumbnails), and the model card. Kept under :data:`MAX_REPORT_CHARS`."""
+    names = evaluation.class_names
+    lines = [f"# {title}", "", f"Data: `{evaluation.data}`, {evaluation.num_images} images.", ""]
+    lines += markdown_table(
+        ("metric", "value"),
+        [
+            ("accuracy", _pct(evaluation.accuracy)),
+            ("balanced accuracy", _pct(evaluation.balanced_accuracy)),
+            ("macro AUC (one-vs-rest)", _pct(evaluation.macro_auc)),
+        ],
+    )
+    lines += ["", "## Per class", ""]
+    lines += markdown_table(
+        ("class", "precision", "recall", "F1", "AUC", "images"),
+        [
+            (n, _pct(s.precision), _pct(s.recall), _pct(s.f1), _pct(s.auc), s.support)
+            for n, s in evaluation.per_class.items()
+        ],
+    )
+    lines += ["", "## Confusion matrix (rows: true class, columns: predicted)", ""]
+    lines += markdown_table(
+        ("true \\ predicted", *names),
+        [(names[i], *row) for i, row in enumerate(evaluation.confusion)],
+    )
+    card = ["", *_model_card(evaluation)]
+    lines += ["", "## Most confident mistakes", ""]
+    if not evaluation.worst:
+        lines.append("None: every image was classified correctly.")
+    else:
+        rows = []
+        budget = MAX_REPORT_CHARS - len("\n".join(lines + card)) - 2_000
+        for m in evaluation.worst:
+            image = f"![{m.true_label}](data:image/png;base64,{m.thumbnail_png})"
+            if not m.thumbnail_png or len(image) > budget:
+                image = "(not shown)"
+            budget -= len(image)
+            rows.append((image, f"`{m.path}`", m.true_label, m.predicted_label, _pct(m.confidence)))
+        lines += markdown_table(("image", "file", "true", "predicted", "confidence"), rows)
+    return "\n".join(lines + card) + "\n"
