@@ -14,7 +14,7 @@ CLUSTER_YAML ?= build/brain_mri_pipeline.yaml
 GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 
-.PHONY: help venv run test lint format compile manifests clean images cluster-yaml upload \
+.PHONY: help venv run test test-unit lint format compile manifests clean images cluster-yaml upload \
 	bench bench-ingest bench-accuracy bench-serve
 
 help: ## list the targets
@@ -31,8 +31,11 @@ venv: $(STAMP) ## create .venv and install the package with its dev tools (once)
 run: $(STAMP) ## demo end to end: local S3, pipeline via kfp.local, KServe server, one query (DATA=folder|s3://bucket/prefix)
 	$(BIN)/python -m pipelines.quickstart $(if $(DATA),--data "$(DATA)")
 
-test: $(STAMP) ## run the test suite
+test: $(STAMP) ## run the test suite (unit and integration tests)
 	$(BIN)/python -m pytest
+
+test-unit: $(STAMP) ## only the unit tests: no server, subprocess or kfp.local run (well under a minute)
+	$(BIN)/python -m pytest -m unit
 
 lint: $(STAMP) ## ruff lint and format check
 	$(BIN)/ruff check .

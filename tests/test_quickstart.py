@@ -16,6 +16,7 @@ from components.config import (
 from pipelines import quickstart
 
 
+@pytest.mark.integration
 def test_quickstart_serves_the_promoted_model(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
