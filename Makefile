@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
 PIPELINE_YAML := pipelines/brain_mri_pipeline.yaml
+PYTORCHJOB_YAML := manifests/training/pytorchjob.yaml
 REGISTRY ?= ghcr.io/brain-mri-mlops
 TAG ?= 0.1.0
 COMPONENT_IMAGE ?= $(REGISTRY)/components:$(TAG)
@@ -45,8 +46,9 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-compile: $(STAMP) ## write the committed pipeline YAML (default images) for the KFP UI
+compile: $(STAMP) ## write the committed generated files: pipeline YAML (default images), PyTorchJob example
 	env -u COMPONENT_IMAGE $(BIN)/python -m pipelines compile --output $(PIPELINE_YAML)
+	env -u COMPONENT_IMAGE $(BIN)/python -m components.train_job --example > $(PYTORCHJOB_YAML)
 
 images: ## build the component and predictor images as COMPONENT_IMAGE / SERVING_IMAGE (REGISTRY=, TAG=)
 	@$(DOCKER) info >/dev/null 2>&1 || { \

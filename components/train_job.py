@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from kubernetes import client
 
 from brainmri.kube import (
@@ -231,12 +232,36 @@ def run_training(run: TrainRun, replicas: Replicas | None = None) -> TrainResult
     return TrainResult.from_metadata(ModelBundle.read_metadata(Path(run.output)))
 
 
+def example_manifest() -> str:
+    """The PyTorchJob the train step creates for ``workers=2`` with the default recipe (staging
+    paths of run ``<run-id>``), as shipped in ``manifests/training/pytorchjob.yaml``."""
+    from components import COMPONENT_IMAGE
+
+    staging = S3Uri("models", "staging/<run-id>")
+    run = TrainRun(
+        str(staging.child("dataset")), str(staging.child("split.csv")), str(staging.child("model"))
+    )
+    job = TrainingJobSpec(
+        "brain-mri-train-<run-id>", "brain-mri", COMPONENT_IMAGE, 2, ["--train-run", run.to_json()]
+    )
+    header = (
+        "# The PyTorchJob the train step creates when workers=2 (see components/train_job.py)\n"
+    )
+    return header + yaml.safe_dump(render_pytorch_job(job), sort_keys=False)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="One replica of a distributed training job.")
-    parser.add_argument(
-        "--train-run", required=True, help="the TrainRun as JSON (locations may be s3:// URIs)"
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--train-run", help="the TrainRun as JSON (locations may be s3:// URIs)")
+    what.add_argument(
+        "--example", action="store_true", help="print the example manifest (make compile)"
     )
-    run_replica(TrainRun.from_json(parser.parse_args(argv).train_run))
+    args = parser.parse_args(argv)
+    if args.example:
+        print(example_manifest(), end="")
+        return
+    run_replica(TrainRun.from_json(args.train_run))
 
 
 if __name__ == "__main__":

@@ -181,14 +181,23 @@ def test_canary_percent_is_rolled_out_then_cleared(
 
 
 # -- rollouts that do not ----------------------------------------------------------------------
-def test_failed_revision_rolls_back_fast_and_keeps_the_record(
-    rollouts: Rollouts, controller: FakeController
-) -> None:
+def second_rollout_fails(
+    rollouts: Rollouts, isvc: InferenceServiceSpec, timeout_s: float
+) -> tuple[Promotion, dict[str, Any], str]:
+    """Promote a good model, then one that does not roll out: the first promotion, the spec it
+    left, and the rollout error's message."""
     first = rollouts.promote(1)
     before = rollouts.stored()["spec"]
     with pytest.raises(RolloutError) as info:
-        rollouts.promote(2, spec(image=BROKEN_IMAGE, canary=30), wait_ready_timeout_s=600.0)
-    message = str(info.value)
+        rollouts.promote(2, isvc, wait_ready_timeout_s=timeout_s)
+    return first, before, str(info.value)
+
+
+def test_failed_revision_rolls_back_fast_and_keeps_the_record(
+    rollouts: Rollouts, controller: FakeController
+) -> None:
+    isvc = spec(image=BROKEN_IMAGE, canary=30)
+    first, before, message = second_rollout_fails(rollouts, isvc, timeout_s=600.0)
     assert "failed to roll out: Ready=False (RevisionFailed): Unable to fetch image" in message
     assert f"Rolled back: the previous spec (storage URI {first.storage_uri}) is restored" in (
         message
@@ -207,11 +216,7 @@ def test_stale_ready_is_not_trusted_and_the_timeout_rolls_back(
     rollouts: Rollouts, controller: FakeController
 ) -> None:
     """After the patch the status still says Ready=True for the old spec: that is no success."""
-    first = rollouts.promote(1)
-    before = rollouts.stored()["spec"]
-    with pytest.raises(RolloutError) as info:
-        rollouts.promote(2, spec(image=STUCK_IMAGE), wait_ready_timeout_s=0.5)
-    message = str(info.value)
+    first, before, message = second_rollout_fails(rollouts, spec(image=STUCK_IMAGE), 0.5)
     assert "did not become Ready within 0.5s" in message
     assert "no status for the new spec yet (still Ready=True)" in message
     assert "Rolled back" in message

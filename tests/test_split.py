@@ -17,30 +17,19 @@ LABELS = ("glioma", "meningioma", "notumor", "pituitary")
 
 def manifest(per_class: int = 20, copies: int = 1, external: int = 0) -> pd.DataFrame:
     """``per_class`` distinct images per class, each stored ``copies`` times."""
+
+    def row(path: str, label: str, content: str, source: str, dataset_set: str) -> dict:
+        return {"path": path, "label": label, "width": 8, "height": 8, "content_hash": content,
+                "source": source, "set": dataset_set}  # fmt: skip
+
     rows = [
-        {
-            "path": f"images/{c}/{i}_{k}.png",
-            "label": c,
-            "width": 8,
-            "height": 8,
-            "content_hash": f"{c}-{i}",
-            "source": f"src/{c}/{i}_{k}.png",
-            "set": "primary",
-        }
+        row(f"images/{c}/{i}_{k}.png", c, f"{c}-{i}", f"src/{c}/{i}_{k}.png", "primary")
         for c in LABELS
         for i in range(per_class)
         for k in range(copies)
     ]
     rows += [
-        {
-            "path": f"external/{c}/{i}.png",
-            "label": c,
-            "width": 8,
-            "height": 8,
-            "content_hash": f"ext-{c}-{i}",
-            "source": f"ext/{c}/{i}.png",
-            "set": "external",
-        }
+        row(f"external/{c}/{i}.png", c, f"ext-{c}-{i}", f"ext/{c}/{i}.png", "external")
         for c in LABELS
         for i in range(external)
     ]

@@ -24,6 +24,7 @@ from components.train_job import (
     PYTORCH_JOBS,
     TrainingJobError,
     TrainingJobSpec,
+    example_manifest,
     job_state,
     launch_distributed_training,
     render_pytorch_job,
@@ -203,31 +204,7 @@ def test_two_process_gloo_training_through_the_job(
 SHIPPED_JOB = Path(__file__).resolve().parents[1] / "manifests" / "training" / "pytorchjob.yaml"
 
 
-def example_job() -> dict:
-    """What the train step creates for ``workers=2`` (staging paths of run ``<run-id>``)."""
-    staging = "s3://models/staging/<run-id>"
-    run = TrainRun(f"{staging}/dataset", f"{staging}/split.csv", f"{staging}/model")
-    args = ["--train-run", run.to_json()]
-    return render_pytorch_job(
-        TrainingJobSpec(
-            name="brain-mri-train-<run-id>",
-            namespace=NAMESPACE,
-            image="ghcr.io/brain-mri-mlops/components:0.1.0",
-            workers=2,
-            args=args,
-        )
-    )
-
-
 def test_shipped_job_manifest_is_what_the_step_creates() -> None:
-    import yaml
-
-    header = (
-        "# The PyTorchJob the train step creates when workers=2 (see components/train_job.py)\n"
-    )
-    expected = header + yaml.safe_dump(example_job(), sort_keys=False)
-    if os.environ.get("REGENERATE_MANIFESTS"):
-        SHIPPED_JOB.write_text(expected)
-    assert SHIPPED_JOB.read_text() == expected, (
-        "manifests/training/pytorchjob.yaml is stale: rerun this test with REGENERATE_MANIFESTS=1"
+    assert SHIPPED_JOB.read_text() == example_manifest(), (
+        "manifests/training/pytorchjob.yaml is stale: run `make compile`"
     )
