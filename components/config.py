@@ -66,7 +66,6 @@ class TrainConfig:
     cpu_threads: int = knob(0, "torch threads on a CPU; 0 = the CPU budget of the process")
     amp: bool = knob(True, "mixed precision on CUDA (ignored on a CPU)")
     channels_last: bool = knob(True, "channels-last memory format")
-    throwaway_knob: int = knob(7, "a knob added to show that one edit reaches every surface")
 
     def __post_init__(self) -> None:
         check_types(self)
