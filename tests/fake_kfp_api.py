@@ -1,8 +1,8 @@
 """An in-process fake of the Kubeflow Pipelines v2beta1 REST API, for driving the real kfp.Client.
 
 A real KFP API server needs Kubernetes, Argo and MySQL; this is a small ``http.server`` on
-127.0.0.1 that implements only what ``python -m pipelines upload|run|schedule|list`` calls, with
-the server-side behaviour those commands depend on:
+127.0.0.1 that implements only what ``python -m pipelines upload|run|schedule`` and the listings
+of the ``kfp`` CLI call, with the server-side behaviour they depend on:
 
 - ``GET  /apis/v2beta1/healthz``
 - ``GET  /apis/v2beta1/pipelines`` (``filter`` on ``display_name``), ``POST .../pipelines/upload``
