@@ -18,10 +18,11 @@ from pathlib import Path
 
 import requests
 
+from brainmri.class_folders import list_labelled_files
 from brainmri.demo_data import generate_demo_dataset
 from brainmri.local_s3 import LocalS3Server
 from brainmri.registry import read_production_record
-from brainmri.storage import ObjectStore, S3Uri, is_s3_uri
+from brainmri.storage import ObjectStore, S3Uri
 from components.config import DEMO_TRAINING, TrainConfig, add_flags, pop_flags, to_dict
 from pipelines.__main__ import run_local
 from serving.process import serve_in_subprocess
@@ -56,25 +57,22 @@ def object_storage() -> Iterator[None]:
         server.stop()
 
 
-def prepare_source(data: str | None, store: ObjectStore) -> tuple[str, Path | None]:
-    """The pipeline's source, and a local folder to take a query image from (if any)."""
+def prepare_source(data: str | None, store: ObjectStore) -> str:
+    """The pipeline's source: ``data``, or the generated demo set uploaded to the bucket."""
     if data:
-        return data, None if is_s3_uri(data) else Path(data)
+        return data
     demo = RUN_DIR / "demo"
     say(f"generating the synthetic demo set in {demo}")
     generate_demo_dataset(demo, per_class=60, size=128, seed=0)
     say(f"uploading it to {DEMO_URI}")
     store.upload_dir(demo, DEMO_URI)
-    return str(DEMO_URI), demo
+    return str(DEMO_URI)
 
 
-def query_image(local: Path | None, store: ObjectStore, source: str) -> tuple[str, bytes]:
-    """One image to ask about, with its folder (true class) name."""
-    if local is not None:
-        path = next(p for p in sorted(local.rglob("*")) if p.is_file())
-        return path.parent.name, path.read_bytes()
-    key = next(store.list_keys(S3Uri.parse(source)))
-    return key.split("/")[-2], store.get_bytes(S3Uri(S3Uri.parse(source).bucket, key))
+def query_image(source: str, store: ObjectStore) -> tuple[str, bytes]:
+    """One image of ``source`` to ask about, with its true class."""
+    first = next(f for f in list_labelled_files(source, store) if f.label is not None)
+    return first.label, first.read()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     with object_storage():
         store = ObjectStore()
-        source, local = prepare_source(args.data, store)
+        source = prepare_source(args.data, store)
         before = read_production_record(store, args.models_bucket, args.model_name)
         say(f"running the pipeline with kfp.local on {source}")
         run_local(
@@ -135,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             f"promoted version {record['version']} (test accuracy {record['accuracy']:.3f}) "
             f"to {record['storage_uri']}"
         )
-        truth, image = query_image(local, store, source)
+        truth, image = query_image(source, store)
         serving_args = ["--model-name", args.model_name, "--storage-uri", record["storage_uri"]]
         say(f"starting the KServe model server: python -m serving {' '.join(serving_args)}")
         with serve_in_subprocess(serving_args, RUN_DIR / "serving.log") as server:
