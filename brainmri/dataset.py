@@ -13,6 +13,7 @@ from tqdm import tqdm
 from brainmri.images import PreprocessConfig, decode_image
 
 MANIFEST_FILE = "manifest.csv"
+NEAR_PAIRS_FILE = "near_pairs.csv"  # ingest's near-duplicate pairs of kept images, by path
 REQUIRED_COLUMNS = ("path", "label", "width", "height")  # every step relies on these
 
 
@@ -23,6 +24,15 @@ def read_manifest(path: Path) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: manifest lacks column(s) {missing}; re-run the ingest step")
     return frame
+
+
+def read_near_pairs(dataset_dir: Path) -> pd.DataFrame | None:
+    """Ingest's near-duplicate pairs (path_a, path_b, distance, mirrored, kind), or None for a
+    dataset ingested before they were recorded."""
+    path = Path(dataset_dir) / NEAR_PAIRS_FILE
+    if not path.is_file():
+        return None
+    return pd.read_csv(path, dtype={"path_a": str, "path_b": str, "kind": str})
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The data report: what ingest found, as Markdown for the KFP UI (with an inline sample grid)."""
+"""The data report: what ingest found, as Markdown for the KFP UI (with an inline sample grid,
+and the near-duplicate pairs at each threshold side by side)."""
 
 import base64
 import io
@@ -31,9 +32,68 @@ def sample_grid(
             image = decode_image(Path(dataset_dir) / rel)
             image.thumbnail((thumb, thumb))
             grid.paste(image, (col * thumb, row * thumb))
+    return _jpeg_uri(grid)
+
+
+def _jpeg_uri(image: Image.Image) -> str:
     buffer = io.BytesIO()
-    grid.save(buffer, format="JPEG", quality=80)
+    image.save(buffer, format="JPEG", quality=80)
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _thumbnail(path: Path, size: int = 96) -> str:
+    """A JPEG thumbnail of a stored image as a ``data:`` URI."""
+    image = decode_image(path)
+    image.thumbnail((size, size))
+    return _jpeg_uri(image)
+
+
+def near_duplicate_section(summary: dict, dataset_dir: Path) -> list[str]:
+    """Copies collapsed, groups and their sizes, and the least similar pairs still within each
+    threshold, side by side, so the thresholds can be judged by eye."""
+    if not summary:
+        return []
+    thresholds = summary["thresholds"]
+    parts = [
+        "## Copies and near-duplicates",
+        f"Thumbnails compared: 64 px greyscale, mean absolute difference in grey levels, "
+        f"mirror-aware. Copies (within {thresholds['copy']}): "
+        f"{summary['identical_collapsed']} identical and {summary['copies_collapsed']} "
+        f"re-encoded, resized or mirrored copies collapsed to one per class; "
+        f"{summary['label_conflicts']} images excluded as copies under two labels. "
+        f"Pairs within {thresholds['neighbour']} (copies and neighbouring slices): "
+        f"{sum(summary['pairs'].values())}. They join {summary['images_in_groups']} images into "
+        f"{summary['groups']} groups (largest: {summary['largest_group']}); the split keeps each "
+        "group on one side.",
+        _table(
+            pd.DataFrame(
+                {
+                    "group size": list(summary["group_sizes"]),
+                    "groups": summary["group_sizes"].values(),
+                }
+            )
+        ),
+    ]
+    titles = {"copy": "copy", "neighbour": "neighbour"}
+    for kind, title in titles.items():
+        samples = summary["samples"].get(kind) or []
+        if not samples:
+            continue
+        rows = [
+            (
+                f"{pair['distance']:.2f}",
+                f"![a]({_thumbnail(Path(dataset_dir) / pair['path_a'])})",
+                f"![b]({_thumbnail(Path(dataset_dir) / pair['path_b'])})",
+                f"`{pair['path_a']}` / `{pair['path_b']}`",
+            )
+            for pair in samples
+        ]
+        parts.append(
+            f"### The least similar pairs still called {title}s (threshold "
+            f"{thresholds[kind]})\n"
+            + "\n".join(markdown_table(("distance", "image", "image", "files"), rows))
+        )
+    return parts
 
 
 def render_data_report(
@@ -56,9 +116,10 @@ def render_data_report(
         _table(pd.DataFrame({"size": sizes.index.astype(str), "images": sizes.values})),
         "## Modes in the files (all converted to RGB)",
         _table(pd.DataFrame({"mode": modes.index, "images": modes.values})),
-        f"## Exact duplicates collapsed: {len(report.duplicates)}",
+        f"## Duplicates collapsed: {len(report.duplicates)}",
         f"## Label conflicts excluded: {len(report.label_conflicts)}",
         f"## Quarantined (unreadable): {len(report.quarantined)}",
+        *near_duplicate_section(report.near_duplicates, dataset_dir),
     ]
     if report.external_counts:
         parts.insert(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from PIL import Image
 from sklearn.metrics import (
@@ -40,7 +41,8 @@ from brainmri.images import ImageDecodeError, decode_image
 from brainmri.model import ModelBundle, load_bundle
 from brainmri.storage import StorageError
 from components.report import render_report
-from components.split import load_split
+from components.split import NOVEL, load_split
+from components.statistics import balanced_accuracy_interval, wilson_interval
 
 WORST_SHOWN = 8  # misclassified images shown in the report
 THUMBNAIL_PX = 96
@@ -50,10 +52,12 @@ MAX_ROC_POINTS = 200
 @dataclass(frozen=True)
 class ClassScores:
     precision: float
-    recall: float
+    recall: float  # the class's accuracy
     f1: float
     support: int
     auc: float | None  # one-vs-rest; None when the class is absent (or alone) in the data
+    errors: int = 0  # images of the class given another label
+    recall_ci: tuple[float, float] | None = None  # Wilson 95 %
 
 
 @dataclass(frozen=True)
@@ -83,18 +87,25 @@ class Evaluation:
     confusion: list[list[int]]
     class_names: list[str]
     num_images: int
+    errors: int = 0
+    accuracy_ci: tuple[float, float] | None = None  # Wilson 95 %
+    balanced_accuracy_ci: tuple[float, float] | None = None  # class-stratified bootstrap 95 %
     per_class: dict[str, ClassScores] = field(default_factory=dict)
     macro_auc: float | None = None
     roc: dict[str, RocCurve] = field(default_factory=dict)  # per class, and "micro"
     worst: list[Misclassified] = field(default_factory=list)
     model: dict[str, Any] = field(default_factory=dict)  # backbone, preprocess, metadata
     data: str = ""  # what was evaluated: "<split csv> [test]" or a folder
+    predictions: pd.DataFrame | None = field(default=None, repr=False)  # one row per image
 
     def metrics(self) -> dict[str, Any]:
         """The scores as plain JSON-able data (no curves, no images)."""
         return {
             "accuracy": self.accuracy,
+            "accuracy_ci": self.accuracy_ci,
+            "errors": self.errors,
             "balanced_accuracy": self.balanced_accuracy,
+            "balanced_accuracy_ci": self.balanced_accuracy_ci,
             "macro_auc": self.macro_auc,
             "num_images": self.num_images,
             "class_names": self.class_names,
@@ -111,6 +122,9 @@ class Evaluation:
             "accuracy": self.accuracy,
             "balanced_accuracy": self.balanced_accuracy,
             "test_images": float(self.num_images),
+            "errors": float(self.errors),
+            **_interval("accuracy", self.accuracy_ci),
+            **_interval("balanced_accuracy", self.balanced_accuracy_ci),
         }
         if self.macro_auc is not None:
             scalars["macro_auc"] = self.macro_auc
@@ -118,7 +132,29 @@ class Evaluation:
             scalars.update(
                 {f"{name}_precision": s.precision, f"{name}_recall": s.recall, f"{name}_f1": s.f1}
             )
+            scalars.update(
+                {f"{name}_errors": float(s.errors), **_interval(f"{name}_recall", s.recall_ci)}
+            )
         return scalars
+
+    def subset(self, mask: np.ndarray, data: str) -> Evaluation:
+        """Every score again, on the images where ``mask`` is true (same model)."""
+        rows = self.predictions[np.asarray(mask, bool)]
+        index = {name: i for i, name in enumerate(self.class_names)}
+        evaluation = score_predictions(
+            rows["true_label"].map(index).to_numpy(),
+            rows[[f"p_{name}" for name in self.class_names]].to_numpy(),
+            self.class_names,
+            list(rows["path"]),
+        )
+        evaluation.model, evaluation.data = self.model, data
+        return evaluation
+
+
+def _interval(name: str, interval: tuple[float, float] | None) -> dict[str, float]:
+    return (
+        {} if interval is None else {f"{name}_ci_low": interval[0], f"{name}_ci_high": interval[1]}
+    )
 
 
 def predict_proba(bundle: ModelBundle, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
@@ -187,18 +223,37 @@ def score_predictions(
         roc["micro"] = micro
     wrong = np.flatnonzero(predicted != truth)
     wrong = wrong[np.argsort(-proba[wrong, predicted[wrong]], kind="stable")][:worst]
+    correct = predicted == truth
     return Evaluation(
         accuracy=float(accuracy_score(truth, predicted)),
         balanced_accuracy=float(balanced_accuracy_score(truth, predicted)),
         confusion=confusion_matrix(truth, predicted, labels=labels).tolist(),
         class_names=class_names,
         num_images=len(truth),
+        errors=int((~correct).sum()),
+        accuracy_ci=wilson_interval(int(correct.sum()), len(truth)),
+        balanced_accuracy_ci=balanced_accuracy_interval(truth, predicted),
         per_class={
             name: ClassScores(
-                float(precision[k]), float(recall[k]), float(f1[k]), int(support[k]), aucs.get(name)
+                float(precision[k]),
+                float(recall[k]),
+                float(f1[k]),
+                int(support[k]),
+                aucs.get(name),
+                errors=int(((truth == k) & ~correct).sum()),
+                recall_ci=wilson_interval(int(((truth == k) & correct).sum()), int(support[k])),
             )
             for k, name in enumerate(class_names)
         },
+        predictions=pd.DataFrame(
+            {
+                "path": list(paths) if len(paths) else [str(i) for i in range(len(truth))],
+                "true_label": [class_names[t] for t in truth],
+                "predicted_label": [class_names[p] for p in predicted],
+                "correct": correct,
+                **{f"p_{name}": proba[:, k] for k, name in enumerate(class_names)},
+            }
+        ),
         macro_auc=float(np.mean(list(aucs.values()))) if aucs else None,
         roc=roc,
         worst=[
@@ -240,12 +295,33 @@ def evaluate_split(
     rows = frame[frame["split"] == split_name]
     if rows.empty:
         raise ValueError(f"{split_csv}: split '{split_name}' is empty; nothing to evaluate")
-    data = load_image_set(
-        dataset_dir, rows, bundle.class_names, bundle.preprocess, desc=f"decode {split_name}"
+    return evaluate_rows(bundle, dataset_dir, rows, f"{Path(split_csv).name} [{split_name}]")
+
+
+def evaluate_rows(
+    bundle: ModelBundle, dataset_dir: Path, rows: pd.DataFrame, data: str
+) -> Evaluation:
+    """Every score of ``bundle`` on the manifest ``rows`` (paths under ``dataset_dir``)."""
+    images = load_image_set(
+        dataset_dir, rows, bundle.class_names, bundle.preprocess, desc=f"decode {data}"
     )
-    evaluation = evaluate_bundle(bundle, data.images, data.labels, data.paths)
-    evaluation.data = f"{Path(split_csv).name} [{split_name}]"
+    evaluation = evaluate_bundle(bundle, images.images, images.labels, images.paths)
+    evaluation.data = data
     return evaluation
+
+
+def external_parts(evaluation: Evaluation, frame: pd.DataFrame) -> dict[str, Evaluation]:
+    """An external test set's scores apart on its ``novel`` images and on those with a
+    ``near_copy`` (a copy or neighbour) in train/val, as the split marked them; empty when the
+    split has no marks (a dataset ingested without near-duplicate pairs)."""
+    if "near_training" not in frame:
+        return {}
+    marks = frame.set_index("path")["near_training"].reindex(evaluation.predictions["path"])
+    novel = (marks == NOVEL).to_numpy()
+    parts = {"novel": novel, "near_copy": ~novel}
+    return {
+        name: evaluation.subset(mask, f"{evaluation.data}, {name}") for name, mask in parts.items()
+    }
 
 
 def evaluate_model(

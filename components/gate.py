@@ -1,22 +1,53 @@
 """Gate: decide whether a trained model (the challenger) may replace production (the champion).
 
-Promote only when the challenger's accuracy reaches ``threshold`` and it is not worse than the
-champion by more than ``tolerance``, both scored on the same test split. The champion is the
-model recorded in ``s3://<models_bucket>/<model_name>/production.json``; with none (the first
-model ever) the threshold alone decides.
+The challenger must reach ``threshold`` on its test split. Against the champion (the model that
+``s3://<models_bucket>/<model_name>/production.json`` names) it is compared like with like: on
+the test images that neither model trained on, nor on a copy or neighbour of them (the
+champion's bundle records what it trained on; ingest's groups tie neighbours together), with
+both models' answers on the very same images (paired). It may make at most ``tolerance`` x
+images more errors than the champion there, and no class's recall may drop by more than
+``max_recall_drop``. The paired counts and McNemar's exact p-value are logged with the
+decision. The first model ever faces the threshold alone.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, replace
+import math
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import pandas as pd
 
 from brainmri.model import load_bundle
 from brainmri.registry import read_production_record
 from brainmri.storage import ObjectStore, StorageError
-from components.evaluate import evaluate_split
+from components.evaluate import evaluate_rows
+from components.report import markdown_table
+from components.split import HASH_PREFIX, group_key, load_split
+from components.statistics import PairedComparison, compare_paired
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Challenger and champion on the same test images."""
+
+    images: int
+    excluded: int  # test images the champion trained on, or on a copy or neighbour of
+    paired: PairedComparison  # first: the challenger, second: the champion
+    challenger_recall: dict[str, float]
+    champion_recall: dict[str, float]
+    how: str  # which images, and why
+
+    @property
+    def challenger_accuracy(self) -> float:
+        return 1 - self.paired.first_errors / max(self.images, 1)
+
+    @property
+    def champion_accuracy(self) -> float:
+        return 1 - self.paired.second_errors / max(self.images, 1)
 
 
 @dataclass(frozen=True)
@@ -25,11 +56,13 @@ class GateDecision:
 
     promote: bool
     reason: str
-    challenger_accuracy: float | None = None
-    champion_accuracy: float | None = None  # None: no champion to compare with
-    threshold: float | None = None
-    tolerance: float = 0.0
+    challenger_accuracy: float  # on its whole test split
+    threshold: float
+    tolerance: float
+    max_recall_drop: float
     champion_version: str | None = None
+    champion_accuracy: float | None = None  # on the compared images (or as recorded)
+    compared: dict[str, Any] = field(default_factory=dict)  # the paired counts, per-class recall
     comparison: str = ""  # how the champion was found and scored
 
     def to_dict(self) -> dict[str, Any]:
@@ -44,41 +77,100 @@ def _check_fraction(name: str, value: float) -> None:
 def gate_decision(
     accuracy: float,
     threshold: float,
-    champion_accuracy: float | None = None,
-    tolerance: float = 0.0,
+    comparison: Comparison | None = None,
+    tolerance: float = 0.005,
+    max_recall_drop: float = 0.02,
     champion_version: str | None = None,
+    recorded_champion_accuracy: float | None = None,
 ) -> GateDecision:
-    """Promote when ``accuracy >= threshold`` and ``accuracy >= champion_accuracy - tolerance``.
-
-    ``champion_accuracy=None`` (no production model) leaves the threshold alone to decide.
-    """
+    """The decision for a challenger of test ``accuracy``: the threshold first, then the
+    paired ``comparison`` with the champion (or, when it could not be re-scored, its recorded
+    accuracy minus ``tolerance``); no champion: the threshold alone."""
     _check_fraction("accuracy", accuracy)
-    if champion_accuracy is not None:
-        _check_fraction("champion_accuracy", champion_accuracy)
-    if tolerance < 0:
-        raise ValueError(f"tolerance={tolerance} must be >= 0")
-    scores = {
-        "challenger_accuracy": accuracy,
-        "champion_accuracy": champion_accuracy,
-        "threshold": threshold,
-        "tolerance": tolerance,
-        "champion_version": champion_version,
-    }
-    if accuracy < threshold:
-        return GateDecision(False, f"accuracy {accuracy:.4f} < threshold {threshold:.4f}", **scores)
-    passed = f"accuracy {accuracy:.4f} >= threshold {threshold:.4f}"
-    if champion_accuracy is None:
-        return GateDecision(True, f"{passed}; no production model to compare with", **scores)
-    champion = f"production {champion_version or '?'} at {champion_accuracy:.4f}"
-    if accuracy < champion_accuracy - tolerance:
-        return GateDecision(
-            False,
-            f"{passed}, but worse than {champion} by more than tolerance {tolerance:.4f}",
-            **scores,
+    for name, value in (("tolerance", tolerance), ("max_recall_drop", max_recall_drop)):
+        if value < 0:
+            raise ValueError(f"{name}={value} must be >= 0")
+    if recorded_champion_accuracy is not None:
+        _check_fraction("recorded_champion_accuracy", recorded_champion_accuracy)
+    known = {"threshold": threshold, "tolerance": tolerance, "max_recall_drop": max_recall_drop}
+
+    def decide(promote: bool, reason: str) -> GateDecision:
+        compared = {} if comparison is None else _compared(comparison, tolerance)
+        champion = (
+            comparison.champion_accuracy if comparison is not None else recorded_champion_accuracy
         )
-    return GateDecision(
-        True, f"{passed} and not worse than {champion} (tolerance {tolerance:.4f})", **scores
+        return GateDecision(
+            promote,
+            reason,
+            accuracy,
+            **known,
+            champion_version=champion_version,
+            champion_accuracy=champion,
+            compared=compared,
+        )
+
+    if accuracy < threshold:
+        return decide(False, f"accuracy {accuracy:.4f} < threshold {threshold:.4f}")
+    passed = f"accuracy {accuracy:.4f} >= threshold {threshold:.4f}"
+    champion = f"production {champion_version or '?'}"
+    if comparison is None and recorded_champion_accuracy is None:
+        return decide(True, f"{passed}; no production model to compare with")
+    if comparison is None:
+        floor = recorded_champion_accuracy - tolerance
+        verdict = accuracy >= floor
+        relation = "not worse than" if verdict else "worse than"
+        return decide(
+            verdict,
+            f"{passed}, {relation} {champion}'s recorded {recorded_champion_accuracy:.4f} "
+            f"(tolerance {tolerance:.4f}; unpaired: it could not be re-scored)",
+        )
+    paired, allowed = comparison.paired, _allowed_extra_errors(comparison.images, tolerance)
+    extra = paired.first_errors - paired.second_errors
+    on = (
+        f"on {comparison.images} test images neither trained on: {paired.first_errors} errors "
+        f"vs {champion}'s {paired.second_errors} (McNemar p={paired.mcnemar_p:.3g})"
     )
+    if extra > allowed:
+        return decide(
+            False,
+            f"{passed}, but {on}: {extra} more, allowed {allowed}",
+        )
+    drops = {
+        name: comparison.champion_recall[name] - recall
+        for name, recall in comparison.challenger_recall.items()
+        if name in comparison.champion_recall
+    }
+    worst = max(drops, key=drops.get) if drops else None
+    if worst is not None and drops[worst] > max_recall_drop + 1e-9:  # float slack
+        return decide(
+            False,
+            f"{passed} and {on}, but its {worst} recall drops by {drops[worst]:.4f} "
+            f"({comparison.champion_recall[worst]:.4f} -> {comparison.challenger_recall[worst]:.4f}"
+            f"), more than max_recall_drop {max_recall_drop:.4f}",
+        )
+    return decide(
+        True,
+        f"{passed} and {on}: within {allowed} allowed extra errors "
+        "and no class's recall drops too far",
+    )
+
+
+def _allowed_extra_errors(images: int, tolerance: float) -> int:
+    return math.floor(tolerance * images + 1e-9)
+
+
+def _compared(comparison: Comparison, tolerance: float) -> dict[str, Any]:
+    return {
+        **asdict(comparison.paired),
+        "excluded": comparison.excluded,
+        "allowed_extra_errors": _allowed_extra_errors(comparison.images, tolerance),
+        "mcnemar_p": comparison.paired.mcnemar_p,
+        "challenger_accuracy": comparison.challenger_accuracy,
+        "champion_accuracy": comparison.champion_accuracy,
+        "challenger_recall": comparison.challenger_recall,
+        "champion_recall": comparison.champion_recall,
+        "how": comparison.how,
+    }
 
 
 @dataclass(frozen=True)
@@ -100,53 +192,157 @@ def fetch_champion(
     return Champion(str(record.get("version", "?")), record["storage_uri"], record.get("accuracy"))
 
 
-def score_champion(
-    champion: Champion,
+def unseen_test_rows(frame: pd.DataFrame, seen: set[str]) -> pd.DataFrame:
+    """The test rows of ``frame`` whose group holds no image of the hash prefixes ``seen``."""
+    prefixes = frame["content_hash"].astype(str).str[:HASH_PREFIX]
+    keys = group_key(frame)
+    touched = set(keys[prefixes.isin(seen)])
+    test = frame["split"] == "test"
+    return frame[test & ~keys.isin(touched)]
+
+
+def compare_with_champion(
+    champion_uri: str,
+    predictions: pd.DataFrame,
     dataset_dir: Path,
     split_csv: Path,
     store: ObjectStore | None = None,
-    split_name: str = "test",
-) -> tuple[float | None, str]:
-    """The champion's accuracy on the challenger's test split, and how it was obtained.
+) -> Comparison:
+    """Score the champion on the challenger's test images it never trained on (nor on a copy
+    or neighbour of them), and pair its answers with the challenger's ``predictions``."""
+    bundle = load_bundle(champion_uri, store=store)
+    frame = load_split(Path(split_csv))
+    seen = set(bundle.metadata.get("data", {}).get("trained_on") or [])
+    test = frame[frame["split"] == "test"]
+    if seen and "content_hash" in frame:
+        rows = unseen_test_rows(frame, seen)
+        how = (
+            f"the {len(rows)} of {len(test)} test images whose group the champion never trained on"
+        )
+    else:
+        rows = test
+        how = f"all {len(test)} test images (the champion's bundle does not say what it trained on)"
+    if rows.empty:
+        raise ValueError(f"no test image is unseen by the champion ({how})")
+    champion = evaluate_rows(bundle, Path(dataset_dir), rows, "champion on unseen test images")
+    challenger = predictions.set_index("path").loc[champion.predictions["path"]]
+    truth = champion.predictions["true_label"].to_numpy()
+    paired = compare_paired(challenger["correct"].to_numpy(), champion.predictions["correct"])
+    return Comparison(
+        images=len(rows),
+        excluded=len(test) - len(rows),
+        paired=paired,
+        challenger_recall=_recalls(truth, challenger["correct"].to_numpy()),
+        champion_recall=_recalls(truth, champion.predictions["correct"].to_numpy()),
+        how=how,
+    )
 
-    When the champion cannot be loaded or scored, its recorded accuracy stands in (noted as
-    such); when there is none either, None (the threshold alone then decides).
-    """
-    try:
-        bundle = load_bundle(champion.storage_uri, store=store)
-        evaluation = evaluate_split(bundle, Path(dataset_dir), Path(split_csv), split_name)
-        return evaluation.accuracy, f"scored on the same '{split_name}' split"
-    except (StorageError, OSError, ValueError, KeyError, RuntimeError) as err:
-        if champion.recorded_accuracy is not None:
-            return float(champion.recorded_accuracy), (
-                f"could not be re-scored ({err}); using its recorded accuracy instead"
-            )
-        return None, f"could not be re-scored ({err}) and has no recorded accuracy"
+
+def _recalls(truth: np.ndarray, correct: np.ndarray) -> dict[str, float]:
+    return {str(c): float(correct[truth == c].mean()) for c in sorted(set(truth))}
 
 
 def gate_model(
     accuracy: float,
     threshold: float,
-    tolerance: float,
     models_bucket: str,
     model_name: str,
+    predictions: pd.DataFrame,
     dataset_dir: Path,
     split_csv: Path,
+    *,
+    tolerance: float = 0.005,
+    max_recall_drop: float = 0.02,
     store: ObjectStore | None = None,
 ) -> GateDecision:
-    """Fetch and score the champion, then decide; logs the decision and both scores as JSON."""
+    """Fetch and score the champion, then decide; logs the decision and the scores as JSON.
+
+    When the champion cannot be loaded or scored, its recorded accuracy stands in (noted as
+    such)."""
     store = store or ObjectStore()
     champion = fetch_champion(models_bucket, model_name, store)
+    limits = {"tolerance": tolerance, "max_recall_drop": max_recall_drop}
     if champion is None:
-        decision = gate_decision(accuracy, threshold, tolerance=tolerance)
-        comparison = "first model: threshold only"
-    else:
-        champion_accuracy, how = score_champion(champion, dataset_dir, split_csv, store)
-        decision = gate_decision(
-            accuracy, threshold, champion_accuracy, tolerance, champion.version
+        decision = gate_decision(accuracy, threshold, **limits)
+        return _logged(decision, "first model: threshold only")
+    where = f"champion {champion.version} ({champion.storage_uri})"
+    try:
+        comparison = compare_with_champion(
+            champion.storage_uri, predictions, dataset_dir, split_csv, store
         )
-        comparison = f"champion {champion.version} ({champion.storage_uri}) {how}"
-    decision = replace(decision, comparison=comparison)
+    except (StorageError, OSError, ValueError, KeyError, RuntimeError) as err:
+        if champion.recorded_accuracy is None:
+            decision = gate_decision(accuracy, threshold, **limits)
+            return _logged(
+                decision, f"{where} could not be re-scored ({err}), no recorded accuracy"
+            )
+        decision = gate_decision(
+            accuracy,
+            threshold,
+            None,
+            **limits,
+            champion_version=champion.version,
+            recorded_champion_accuracy=float(champion.recorded_accuracy),
+        )
+        return _logged(decision, f"{where} could not be re-scored ({err}); its recorded accuracy")
+    decision = gate_decision(
+        accuracy, threshold, comparison, **limits, champion_version=champion.version
+    )
+    return _logged(decision, f"{where} scored on {comparison.how}")
+
+
+def _logged(decision: GateDecision, comparison: str) -> GateDecision:
+    decision = GateDecision(**{**decision.to_dict(), "comparison": comparison})
     verdict = "PROMOTE" if decision.promote else "KEEP PRODUCTION"
     print(json.dumps({"gate": verdict, **decision.to_dict()}), flush=True)
     return decision
+
+
+def render_gate_report(decision: GateDecision) -> str:
+    """The decision as Markdown for the KFP UI: the verdict, the reason, both scores and the
+    paired counts."""
+    verdict = "PROMOTE" if decision.promote else "KEEP PRODUCTION"
+    lines = [f"# Gate: {verdict}", "", decision.reason, "", f"Champion: {decision.comparison}", ""]
+    rows = [
+        ("challenger accuracy (its test split)", f"{decision.challenger_accuracy:.4f}"),
+        ("threshold", f"{decision.threshold:.4f}"),
+        ("tolerance (extra errors / image)", f"{decision.tolerance:.4f}"),
+        ("max recall drop per class", f"{decision.max_recall_drop:.4f}"),
+    ]
+    compared = decision.compared
+    if compared:
+        rows += [
+            ("images compared (neither model trained on)", compared["images"]),
+            (
+                "test images left out (the champion trained on them or a neighbour)",
+                compared["excluded"],
+            ),
+            (
+                "challenger / champion accuracy there",
+                f"{compared['challenger_accuracy']:.4f} / {compared['champion_accuracy']:.4f}",
+            ),
+            (
+                "both right / only challenger / only champion / both wrong",
+                f"{compared['both_right']} / {compared['only_first_right']} / "
+                f"{compared['only_second_right']} / {compared['both_wrong']}",
+            ),
+            ("McNemar exact p", f"{compared['mcnemar_p']:.3g}"),
+            ("extra errors allowed", compared["allowed_extra_errors"]),
+        ]
+    elif decision.champion_accuracy is not None:
+        rows.append(("champion accuracy (recorded)", f"{decision.champion_accuracy:.4f}"))
+    lines += markdown_table(("", "value"), rows)
+    if compared:
+        lines += ["", "Recall per class on the compared images:", ""]
+        lines += markdown_table(
+            ("class", "challenger", "champion"),
+            [
+                (
+                    name,
+                    f"{recall:.4f}",
+                    f"{compared['champion_recall'].get(name, float('nan')):.4f}",
+                )
+                for name, recall in compared["challenger_recall"].items()
+            ],
+        )
+    return "\n".join(lines) + "\n"

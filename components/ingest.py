@@ -1,9 +1,12 @@
 """Ingest: turn a class-per-folder image tree (local folder or S3 prefix) into a trusted dataset.
 
 Every file is decoded (by content, whatever its extension); unreadable files are quarantined
-with the reason, pixel-identical copies inside a class collapse to one, and the same pixels under
-two labels are excluded as a label conflict. Nothing is dropped silently: every excluded file is
-copied or listed in the dataset folder. Decoding runs in a thread pool with bounded memory.
+with the reason. Copies of one image (pixel-identical, or re-encoded, resized or mirrored:
+:mod:`components.near_duplicates`) collapse to one inside a class, and the same image under two
+labels is excluded as a label conflict. Neighbouring slices stay, but every set of images
+joined by near-duplicate pairs is one ``group`` in the manifest, so the split keeps each group
+on one side. Nothing is dropped silently: every excluded file is copied or listed in the
+dataset folder. Decoding runs in a thread pool with bounded memory.
 """
 
 import hashlib
@@ -15,7 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 from tqdm import tqdm
@@ -23,17 +28,31 @@ from tqdm import tqdm
 from brainmri import CLASS_NAMES
 from brainmri.class_folders import DatasetError, LabelledFile, list_labelled_files
 from brainmri.cpu import cpu_budget
-from brainmri.dataset import MANIFEST_FILE
+from brainmri.dataset import MANIFEST_FILE, NEAR_PAIRS_FILE
 from brainmri.images import ImageDecodeError, decode_image
 from brainmri.registry import dataset_record_uri
 from brainmri.storage import ObjectStore, S3Uri
+from components.config import COPY, NEIGHBOUR, NearDuplicateThresholds, to_dict
+from components.near_duplicates import connected_groups, fingerprint, near_pairs
 
 PRIMARY, EXTERNAL = "primary", "external"
-MANIFEST_COLUMNS = ["path", "label", "width", "height", "mode", "content_hash", "source", "set"]
+MANIFEST_COLUMNS = [
+    "path",
+    "label",
+    "width",
+    "height",
+    "mode",
+    "content_hash",
+    "group",
+    "source",
+    "set",
+]
 QUARANTINE_FILE = "quarantine.csv"
 DUPLICATES_FILE = "duplicates.csv"
 CONFLICTS_FILE = "label_conflicts.csv"
 REPORT_FILE = "ingest_report.json"
+SAMPLE_PAIRS = 6  # near-duplicate pairs shown per threshold in the data report
+GROUP_SIZE_BINS = [(2, 2), (3, 5), (6, 10), (11, 50), (51, None)]
 
 
 @dataclass
@@ -47,6 +66,7 @@ class IngestReport:
     duplicates: list[dict[str, str]] = field(default_factory=list)
     label_conflicts: list[dict[str, str]] = field(default_factory=list)
     external_counts: dict[str, int] = field(default_factory=dict)
+    near_duplicates: dict[str, Any] = field(default_factory=dict)  # see near_duplicate_summary
 
     @property
     def total(self) -> int:
@@ -54,7 +74,8 @@ class IngestReport:
 
 
 def _process(item: LabelledFile, out_dir: Path, dataset_set: str) -> dict:
-    """Decode one file and store it under images/ or quarantine/; returns its record."""
+    """Decode one file and store it under images/ or quarantine/; returns its record (with the
+    image's near-duplicate fingerprint when it is readable)."""
     data = item.read()
     record = {"label": item.label, "source": item.source, "set": dataset_set}
     try:
@@ -75,6 +96,7 @@ def _process(item: LabelledFile, out_dir: Path, dataset_set: str) -> dict:
             height=image.height,
             mode=mode,
             content_hash=digest,
+            fingerprint=fingerprint(image),
         )
     (out_dir / dest).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / dest).write_bytes(data)
@@ -89,10 +111,17 @@ def _move(out_dir: Path, rel: str, subfolder: str) -> str:
     return dest.as_posix()
 
 
-def deduplicate(images: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, list[dict], list[dict]]:
-    """Collapse same-pixel copies within a class; exclude pixels seen under several labels."""
+def deduplicate(
+    images: pd.DataFrame, out_dir: Path, key: str = "content_hash"
+) -> tuple[pd.DataFrame, list[dict], list[dict]]:
+    """Collapse the rows of one image (same ``key`` in the same set) within a class to the one
+    with the most pixels (the first by path among equals); exclude an image seen under several
+    labels. Returns the kept rows, the duplicates (each with the file it duplicates) and the
+    label conflicts."""
     keep, duplicates, conflicts = [], [], []
-    for _, group in images.sort_values("path").groupby(["set", "content_hash"], sort=False):
+    largest_first = images.assign(_pixels=-images["width"] * images["height"])
+    ordered = largest_first.sort_values(["_pixels", "path"]).drop(columns="_pixels")
+    for _, group in ordered.groupby(["set", key], sort=False):
         if group["label"].nunique() > 1:
             labels = sorted(group["label"].unique())
             for row in group.itertuples():
@@ -114,10 +143,85 @@ def deduplicate(images: pd.DataFrame, out_dir: Path) -> tuple[pd.DataFrame, list
                     "source": row.source,
                     "label": row.label,
                     "duplicate_of": kept["source"],
+                    "kind": "identical" if row.content_hash == kept["content_hash"] else COPY,
                     "moved_to": _move(out_dir, row.path, "duplicate"),
                 }
             )
     return images.loc[sorted(keep)], duplicates, conflicts
+
+
+def _near_duplicate_keys(
+    images: pd.DataFrame, thresholds: NearDuplicateThresholds
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``images`` (re-indexed 0..n-1) with two keys, and the near-duplicate pairs (by position).
+
+    ``image``: one value per image, its copies (identical, or within the copy threshold) in the
+    same set included. ``group``: the smallest content hash among the images joined to it, in
+    its set, by pairs within the neighbour threshold (copies included), transitively.
+    """
+    images = images.reset_index(drop=True)
+    pairs = near_pairs(list(images["fingerprint"]), thresholds)
+    sets = images["set"].to_numpy()
+    same_set = pairs[sets[pairs["a"]] == sets[pairs["b"]]]
+    position = pd.Series(np.arange(len(images)))
+    first = position.groupby([images["set"], images["content_hash"]]).transform("min")
+    identical = np.stack([position.to_numpy(), first.to_numpy()], axis=1)  # found or not
+    copies = same_set.loc[same_set["kind"] == COPY, ["a", "b"]].to_numpy()
+    images["image"] = connected_groups(len(images), np.concatenate([copies, identical]))
+    neighbours = np.concatenate([same_set[["a", "b"]].to_numpy(), identical])
+    joined = connected_groups(len(images), neighbours)
+    images["group"] = images.groupby(joined)["content_hash"].transform("min")
+    return images, pairs
+
+
+def _kept_pairs(images: pd.DataFrame, pairs: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
+    """The near-duplicate pairs between kept images, by path. A dropped copy's pairs count for
+    the image kept in its place (the nearest distance wins), so no pair is lost with it."""
+    kept_path = images["image"].map(kept.set_index("image")["path"]).to_numpy()
+    ends = np.stack([kept_path[pairs["a"]], kept_path[pairs["b"]]], axis=1)
+    frame = pairs.drop(columns=["a", "b"]).assign(path_a=ends[:, 0], path_b=ends[:, 1])
+    frame = frame.dropna(subset=["path_a", "path_b"])  # an end excluded as a label conflict
+    frame = frame[frame["path_a"] != frame["path_b"]]
+    ordered = np.sort(frame[["path_a", "path_b"]].to_numpy().astype(str), axis=1)
+    frame = frame.assign(path_a=ordered[:, 0], path_b=ordered[:, 1])
+    frame = frame.sort_values("distance", kind="stable").drop_duplicates(["path_a", "path_b"])
+    columns = ["path_a", "path_b", "distance", "mirrored", "kind"]
+    return frame.sort_values(["path_a", "path_b"]).reset_index(drop=True)[columns]
+
+
+def near_duplicate_summary(
+    manifest: pd.DataFrame,
+    duplicates: list[dict],
+    conflicts: list[dict],
+    pairs: pd.DataFrame,
+    thresholds: NearDuplicateThresholds,
+) -> dict[str, Any]:
+    """The counts the data report shows: copies collapsed, groups and their sizes, samples."""
+    sizes = manifest.loc[manifest["set"] == PRIMARY].groupby("group").size()
+    histogram = {
+        (f"{low}" if low == high else f"{low}-{high}" if high else f">{low - 1}"): int(
+            ((sizes >= low) & (sizes <= (high or sizes.max()))).sum()
+        )
+        for low, high in GROUP_SIZE_BINS
+    }
+    samples = {
+        kind: pairs[pairs["kind"] == kind]
+        .nlargest(SAMPLE_PAIRS, "distance")[["path_a", "path_b", "distance"]]
+        .to_dict("records")
+        for kind in (COPY, NEIGHBOUR)
+    }
+    return {
+        "thresholds": to_dict(thresholds),
+        "copies_collapsed": sum(d["kind"] == COPY for d in duplicates),
+        "identical_collapsed": sum(d["kind"] == "identical" for d in duplicates),
+        "label_conflicts": len(conflicts),
+        "pairs": {kind: int((pairs["kind"] == kind).sum()) for kind in (COPY, NEIGHBOUR)},
+        "groups": int((sizes >= 2).sum()),
+        "images_in_groups": int(sizes[sizes >= 2].sum()),
+        "largest_group": int(sizes.max()) if len(sizes) else 0,
+        "group_sizes": histogram,
+        "samples": samples,
+    }
 
 
 def content_fingerprint(manifest: pd.DataFrame) -> str:
@@ -151,16 +255,19 @@ def ingest_dataset(
     *,
     external_test_source: str = "",
     max_quarantine_fraction: float = 0.05,
+    thresholds: NearDuplicateThresholds | None = None,
     workers: int | None = None,
     progress: bool = True,
 ) -> IngestReport:
     """Ingest ``source`` (and an optional external test set) into ``out_dir``.
 
-    Writes ``manifest.csv`` (path, label, width, height, mode, content_hash, source, set), the
-    quarantine, duplicate and label-conflict lists, and ``ingest_report.json``.
+    Writes ``manifest.csv`` (path, label, width, height, mode, content_hash, group, source,
+    set), the quarantine, duplicate and label-conflict lists, the near-duplicate pairs between
+    the kept images, and ``ingest_report.json``.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    thresholds = thresholds or NearDuplicateThresholds()
     workers = workers or min(8, 2 * cpu_budget())  # decoding waits on I/O too
     sources = {PRIMARY: source, EXTERNAL: external_test_source}
     records = []
@@ -168,11 +275,13 @@ def ingest_dataset(
         if location:
             files = list_labelled_files(location, store)
             records += list(_ingest_set(files, out_dir, dataset_set, workers, progress))
-    frame = pd.DataFrame(records, columns=[*MANIFEST_COLUMNS, "reason"])
+    frame = pd.DataFrame(records, columns=[*MANIFEST_COLUMNS, "fingerprint", "reason"])
     bad = frame[frame["reason"].notna()]
     quarantined = bad[["path", "label", "source", "reason"]].fillna("").to_dict("records")
-    manifest, duplicates, conflicts = deduplicate(frame.drop(bad.index), out_dir)
-    manifest = manifest.reindex(columns=MANIFEST_COLUMNS).astype({"width": int, "height": int})
+    images, pairs = _near_duplicate_keys(frame.drop(bad.index), thresholds)
+    kept, duplicates, conflicts = deduplicate(images, out_dir, key="image")
+    near = _kept_pairs(images, pairs, kept)
+    manifest = kept.reindex(columns=MANIFEST_COLUMNS).astype({"width": int, "height": int})
 
     def counts(dataset_set: str) -> dict[str, int]:
         labels = manifest.loc[manifest["set"] == dataset_set, "label"]
@@ -186,6 +295,7 @@ def ingest_dataset(
         duplicates,
         conflicts,
         counts(EXTERNAL) if external_test_source else {},
+        near_duplicate_summary(manifest, duplicates, conflicts, near, thresholds),
     )
     for name, rows in (
         (QUARANTINE_FILE, quarantined),
@@ -193,6 +303,7 @@ def ingest_dataset(
         (CONFLICTS_FILE, conflicts),
     ):
         pd.DataFrame(rows).to_csv(out_dir / name, index=False)
+    near.to_csv(out_dir / NEAR_PAIRS_FILE, index=False)
     (out_dir / REPORT_FILE).write_text(json.dumps(asdict(report), indent=2))
     _check(report, source, out_dir, max_quarantine_fraction)
     manifest.to_csv(out_dir / MANIFEST_FILE, index=False)

@@ -26,13 +26,16 @@ def ingest(
     source: str,
     dataset: Output[Dataset],
     data_report: Output[Markdown],
+    copy_threshold: float,
+    neighbour_threshold: float,
     external_test_source: str = "",
     models_bucket: str = "models",
     model_name: str = "brain-mri-classifier",
     skip_if_unchanged: bool = False,
     max_quarantine_fraction: float = 0.05,
 ) -> bool:
-    """Validate and deduplicate the source images, report them; True when training should go on.
+    """Validate and deduplicate the source images, group near-duplicates, report them; True when
+    training should go on. The thresholds: NearDuplicateThresholds (grey levels at 64 px).
 
     The dataset fingerprint is in the dataset's metadata and its ``ingest_report.json``. (One
     plain output named ``Output``: kfp.local resolves conditions only on such outputs.)
@@ -42,6 +45,7 @@ def ingest(
     from brainmri.dataset import MANIFEST_FILE, read_manifest
     from brainmri.registry import read_production_record
     from brainmri.storage import ObjectStore
+    from components.config import NearDuplicateThresholds
     from components.data_report import render_data_report
     from components.ingest import check_new_data, ingest_dataset, record_dataset
 
@@ -52,6 +56,7 @@ def ingest(
         store,
         external_test_source=external_test_source,
         max_quarantine_fraction=max_quarantine_fraction,
+        thresholds=NearDuplicateThresholds(copy_threshold, neighbour_threshold),
     )
     manifest = read_manifest(Path(dataset.path) / MANIFEST_FILE)
     Path(data_report.path).write_text(
@@ -68,6 +73,7 @@ def ingest(
             "quarantined": len(report.quarantined),
             "duplicates": len(report.duplicates),
             "label_conflicts": len(report.label_conflicts),
+            "near_duplicate_groups": report.near_duplicates["groups"],
             "source": source,
         }
     )
@@ -83,22 +89,38 @@ def split(
     val_fraction: float,
     test_fraction: float,
     seed: int,
+    max_leaked_images: int = 0,
 ) -> None:
-    """Write the duplicate-aware split manifest and log its sizes and the leakage check."""
+    """Write the group-aware split manifest; log its sizes and what the leakage check found
+    (``max_leaked_images`` test images with a near-duplicate in train/val are tolerated)."""
     from pathlib import Path
 
-    from brainmri.dataset import MANIFEST_FILE, read_manifest
-    from components.split import leaked_groups, split_manifest
+    from brainmri.dataset import MANIFEST_FILE, read_manifest, read_near_pairs
+    from components.split import EXTERNAL_SPLIT, NOVEL, leakage, split_manifest
 
+    pairs = read_near_pairs(Path(dataset.path))
     frame = split_manifest(
-        read_manifest(Path(dataset.path) / MANIFEST_FILE), val_fraction, test_fraction, seed
+        read_manifest(Path(dataset.path) / MANIFEST_FILE),
+        val_fraction,
+        test_fraction,
+        seed,
+        near_pairs=pairs,
+        max_leaked=max_leaked_images,
     )
     frame.to_csv(split_manifest_csv.path, index=False)
     sizes = frame["split"].value_counts().to_dict()
     split_manifest_csv.metadata.update(sizes)
     for name, count in sizes.items():
         split_metrics.log_metric(f"{name}_images", count)
-    split_metrics.log_metric("leaked_images", leaked_groups(frame))
+    found = leakage(frame, pairs)
+    split_metrics.log_metric("leaked_images", found.pop("groups_in_two_splits"))
+    for name, count in found.items():
+        split_metrics.log_metric(name, count)
+    external = frame[frame["split"] == EXTERNAL_SPLIT]
+    if len(external) and "near_training" in frame:
+        novel = external["near_training"] == NOVEL
+        split_metrics.log_metric("external_novel_images", int(novel.sum()))
+        split_metrics.log_metric("external_near_copy_images", int((~novel).sum()))
 
 
 @dsl.component(base_image=COMPONENT_IMAGE, install_kfp_package=False)
@@ -169,21 +191,27 @@ def evaluate(
     roc_notumor: Output[ClassificationMetrics],
     roc_pituitary: Output[ClassificationMetrics],
     report: Output[Markdown],
+    predictions: Output[Dataset],
 ) -> NamedTuple("EvaluateOutputs", [("accuracy", float)]):
-    """Score the model on the test split: KFP metrics, confusion matrix, ROC curves (micro
-    average with the confusion matrix, one-vs-rest per class in roc_<class>), and a Markdown
-    report with the worst mistakes and the model card. Returns the accuracy."""
+    """Score the model on the test split: KFP metrics with 95 % intervals and error counts,
+    confusion matrix, ROC curves (micro average with the confusion matrix, one-vs-rest per class
+    in roc_<class>), the per-image predictions (for the gate), and a Markdown report with the
+    worst mistakes and the model card; an external test set is scored whole, on its novel
+    images and on those with a near-copy in training. Returns the accuracy."""
     from pathlib import Path
     from typing import NamedTuple
 
-    from components.evaluate import evaluate_model
+    from brainmri.model import load_bundle
+    from components.evaluate import evaluate_split, external_parts
     from components.report import render_report
-    from components.split import load_split
+    from components.split import EXTERNAL_SPLIT, load_split
 
     split_csv = Path(split_manifest_csv.path)
-    result = evaluate_model(Path(model.path), Path(dataset.path), split_csv)
+    bundle = load_bundle(Path(model.path))
+    result = evaluate_split(bundle, Path(dataset.path), split_csv)
     for name, value in result.scalar_metrics().items():
         metrics.log_metric(name, value)
+    result.predictions.to_csv(predictions.path, index=False)
     classification_metrics.log_confusion_matrix(result.class_names, result.confusion)
     if "micro" in result.roc:
         curve = result.roc["micro"]
@@ -199,13 +227,15 @@ def evaluate(
             curve = result.roc[name]
             artifact.log_roc_curve(curve.fpr, curve.tpr, curve.thresholds)
     text = render_report(result)
-    if (load_split(split_csv)["split"] == "external_test").any():
-        external = evaluate_model(
-            Path(model.path), Path(dataset.path), split_csv, split_name="external_test"
-        )
-        metrics.log_metric("external_test_accuracy", external.accuracy)
-        metrics.log_metric("external_test_balanced_accuracy", external.balanced_accuracy)
-        text += "\n" + render_report(external, title="External test set")
+    frame = load_split(split_csv)
+    if (frame["split"] == EXTERNAL_SPLIT).any():
+        external = evaluate_split(bundle, Path(dataset.path), split_csv, EXTERNAL_SPLIT)
+        for part, scores in {"": external, **external_parts(external, frame)}.items():
+            prefix = f"external_test{'_' + part if part else ''}"
+            for name in ("accuracy", "balanced_accuracy", "errors", "test_images"):
+                metrics.log_metric(f"{prefix}_{name}", scores.scalar_metrics()[name])
+            title = f"External test set{': ' + part.replace('_', ' ') + ' images' if part else ''}"
+            text += "\n" + render_report(scores, title=title)
     Path(report.path).write_text(text)
     return NamedTuple("EvaluateOutputs", [("accuracy", float)])(result.accuracy)
 
@@ -215,32 +245,45 @@ def gate(
     accuracy: float,
     threshold: float,
     tolerance: float,
+    max_recall_drop: float,
     model_name: str,
     models_bucket: str,
     dataset: Input[Dataset],
     split_manifest_csv: Input[Dataset],
+    predictions: Input[Dataset],
     gate_metrics: Output[Metrics],
+    gate_report: Output[Markdown],
 ) -> bool:
-    """Champion/challenger: True when the model may be promoted; logs the decision and scores."""
+    """Champion/challenger, like with like: True when the model may be promoted; logs the
+    decision, both scores and the paired counts, and shows them as Markdown."""
     from pathlib import Path
 
-    from components.gate import gate_model
+    import pandas as pd
+
+    from components.gate import gate_model, render_gate_report
 
     decision = gate_model(
         accuracy,
         threshold,
-        tolerance,
         models_bucket,
         model_name,
+        pd.read_csv(predictions.path),
         Path(dataset.path),
         Path(split_manifest_csv.path),
+        tolerance=tolerance,
+        max_recall_drop=max_recall_drop,
     )
     gate_metrics.log_metric("challenger_accuracy", decision.challenger_accuracy)
     if decision.champion_accuracy is not None:
         gate_metrics.log_metric("champion_accuracy", decision.champion_accuracy)
+    for name in ("images", "only_first_right", "only_second_right", "mcnemar_p"):
+        if name in decision.compared:
+            gate_metrics.log_metric(f"compared_{name}", float(decision.compared[name]))
     gate_metrics.log_metric("threshold", threshold)
     gate_metrics.log_metric("tolerance", tolerance)
+    gate_metrics.log_metric("max_recall_drop", max_recall_drop)
     gate_metrics.log_metric("promote", float(decision.promote))
+    Path(gate_report.path).write_text(render_gate_report(decision))
     print(f"gate: {'PROMOTE' if decision.promote else 'KEEP PRODUCTION'}: {decision.reason}")
     return decision.promote
 

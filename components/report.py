@@ -18,6 +18,11 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f} %"
 
 
+def _ci(interval: tuple[float, float] | None) -> str:
+    """A 95 % interval as ``95.1–97.3 %``."""
+    return "n/a" if interval is None else f"{100 * interval[0]:.1f}–{100 * interval[1]:.1f} %"
+
+
 def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
     """A Markdown table, one string per line."""
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
@@ -76,18 +81,37 @@ def render_report(evaluation: Evaluation, title: str = "Brain-MRI classifier eva
     names = evaluation.class_names
     lines = [f"# {title}", "", f"Data: `{evaluation.data}`, {evaluation.num_images} images.", ""]
     lines += markdown_table(
-        ("metric", "value"),
+        ("metric", "value", "95 % interval", "errors"),
         [
-            ("accuracy", _pct(evaluation.accuracy)),
-            ("balanced accuracy", _pct(evaluation.balanced_accuracy)),
-            ("macro AUC (one-vs-rest)", _pct(evaluation.macro_auc)),
+            (
+                "accuracy",
+                _pct(evaluation.accuracy),
+                f"{_ci(evaluation.accuracy_ci)} (Wilson)",
+                f"{evaluation.errors} of {evaluation.num_images}",
+            ),
+            (
+                "balanced accuracy",
+                _pct(evaluation.balanced_accuracy),
+                f"{_ci(evaluation.balanced_accuracy_ci)} (bootstrap)",
+                "",
+            ),
+            ("macro AUC (one-vs-rest)", _pct(evaluation.macro_auc), "", ""),
         ],
     )
     lines += ["", "## Per class", ""]
     lines += markdown_table(
-        ("class", "precision", "recall", "F1", "AUC", "images"),
+        ("class", "recall", "95 % interval", "errors", "precision", "F1", "AUC", "images"),
         [
-            (n, _pct(s.precision), _pct(s.recall), _pct(s.f1), _pct(s.auc), s.support)
+            (
+                n,
+                _pct(s.recall),
+                _ci(s.recall_ci),
+                s.errors,
+                _pct(s.precision),
+                _pct(s.f1),
+                _pct(s.auc),
+                s.support,
+            )
             for n, s in evaluation.per_class.items()
         ],
     )

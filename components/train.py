@@ -52,7 +52,7 @@ from components.checkpoint import Checkpoints, TrainState
 from components.config import AugmentConfig, TrainConfig, from_dict, to_dict
 from components.distributed import DistributedContext
 from components.ingest import recorded_fingerprint
-from components.split import load_split
+from components.split import load_split, trained_on
 
 # knobs that may differ between a run and its retry without invalidating the checkpoint
 _RUNTIME_FIELDS = ("device", "num_workers", "cpu_threads")
@@ -511,6 +511,7 @@ def _finish(run: TrainRun, s: _Setup, state: TrainState, resumed_from: int | Non
         data={
             "dataset_fingerprint": recorded_fingerprint(Path(run.dataset)),
             "split_fingerprint": s.identity["split_fingerprint"],
+            "trained_on": trained_on(s.frame),  # what the gate keeps out of a comparison
             "split_sizes": {k: int(n) for k, n in s.frame["split"].value_counts().items()},
             "class_counts": {
                 split: {c: int(n) for c, n in counts.loc[split].items()} for split in counts.index

@@ -19,6 +19,7 @@ from components.config import (
     TEST_FRACTION,
     VAL_FRACTION,
     AugmentConfig,
+    NearDuplicateThresholds,
     TrainConfig,
     describe,
     to_dict,
@@ -41,8 +42,11 @@ Args:
     external_test_source: optional second tree, scored but never trained on.
     skip_if_unchanged: stop after ingest when production was trained on this very data.
     max_quarantine_fraction: fail when more than this share of the files is unreadable.
+    copy_threshold: two images this near (mean absolute difference of 64 px greyscale thumbnails, grey levels of 255, mirror-aware) are copies of one image: one is kept per class, under two labels both are excluded.
+    neighbour_threshold: images this near are neighbours (adjacent slices); joined images form a group that the split keeps on one side.
     threshold: test accuracy a model must reach before it may be promoted.
-    tolerance: how much worse than production (same test split) a model may be and still win.
+    tolerance: extra errors per compared image a model may make against production (paired, on test images neither trained on) and still win.
+    max_recall_drop: the most any class's recall may drop against production.
     model_name: the InferenceService and the folder in the models bucket.
     models_bucket: bucket of model versions, records and checkpoints.
     namespace: Kubernetes namespace of the InferenceService (and of a PyTorchJob).
@@ -50,6 +54,7 @@ Args:
     val_fraction: share of the images in the validation split.
     test_fraction: share of the images in the held-out test split.
     split_seed: seed of the train/val/test assignment.
+    max_leaked_images: test images with a copy or neighbour in train/val that the split tolerates (0: none).
     train: training knobs (TrainConfig); a key left out takes its default. {_one_line(describe(TrainConfig))}
     augment: training-time augmentation (AugmentConfig); a key left out takes its default. {_one_line(describe(AugmentConfig))}
     workers: training replicas; above 1, a PyTorchJob trains with DDP.
@@ -70,8 +75,11 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
         external_test_source: str = "",
         skip_if_unchanged: bool = False,
         max_quarantine_fraction: float = 0.05,
+        copy_threshold: float = NearDuplicateThresholds().copy,
+        neighbour_threshold: float = NearDuplicateThresholds().neighbour,
         threshold: float = 0.9,
         tolerance: float = 0.005,
+        max_recall_drop: float = 0.02,
         model_name: str = "brain-mri-classifier",
         models_bucket: str = "models",
         namespace: str = "brain-mri",
@@ -79,6 +87,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
         val_fraction: float = VAL_FRACTION,
         test_fraction: float = TEST_FRACTION,
         split_seed: int = 0,
+        max_leaked_images: int = 0,
         train: dict = to_dict(TrainConfig()),  # noqa: B008 - a KFP default, evaluated once
         augment: dict = to_dict(AugmentConfig()),  # noqa: B008
         workers: int = 1,
@@ -92,6 +101,8 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
             model_name=model_name,
             skip_if_unchanged=skip_if_unchanged,
             max_quarantine_fraction=max_quarantine_fraction,
+            copy_threshold=copy_threshold,
+            neighbour_threshold=neighbour_threshold,
         )
         with dsl.If(ingest_task.outputs["Output"] == True, name="new-data"):  # noqa: E712
             split_task = step.split(
@@ -99,6 +110,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
                 val_fraction=val_fraction,
                 test_fraction=test_fraction,
                 seed=split_seed,
+                max_leaked_images=max_leaked_images,
             )
             train_task = step.train(
                 dataset=ingest_task.outputs["dataset"],
@@ -121,10 +133,12 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
                 accuracy=evaluate_task.outputs["accuracy"],
                 threshold=threshold,
                 tolerance=tolerance,
+                max_recall_drop=max_recall_drop,
                 model_name=model_name,
                 models_bucket=models_bucket,
                 dataset=ingest_task.outputs["dataset"],
                 split_manifest_csv=split_task.outputs["split_manifest_csv"],
+                predictions=evaluate_task.outputs["predictions"],
             )
             promote_ok = gate_task.outputs["Output"] == True  # noqa: E712 - a KFP condition
             with dsl.If(promote_ok, name="accuracy-gate"):

@@ -57,6 +57,7 @@ def test_ingests_every_class(demo_dir: Path, tmp_path: Path) -> None:
         "height",
         "mode",
         "content_hash",
+        "group",
         "source",
         "set",
     ]

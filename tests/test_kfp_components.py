@@ -65,6 +65,8 @@ def test_split_logs_sizes_and_the_leakage_check(prepared: tuple[Path, Path], tmp
         "val_images": 12,
         "test_images": 12,
         "leaked_images": 0,
+        "test_with_copy_in_training": 0,
+        "test_with_near_duplicate_in_training": 0,
     }
     assert manifest.metadata == frame["split"].value_counts().to_dict()
 
@@ -106,11 +108,14 @@ def test_evaluate_scores_the_test_and_external_sets_with_roc_per_class(
     frame = pd.read_csv(split_csv)
     external = frame.index[frame["split"] == "test"][::2]  # half the test images, relabelled
     frame.loc[external, "split"] = "external_test"
+    frame["near_training"] = ""
+    frame.loc[external, "near_training"] = ["novel", "copy"] * (len(external) // 2)
     frame.to_csv(tmp_path / "split.csv", index=False)
     out = tmp_path / "out"
     rocs = {f"roc_{name}": artifact(ClassificationMetrics, out, name) for name in CLASS_NAMES}
     metrics, confusion = artifact(Metrics, out, "m"), artifact(ClassificationMetrics, out, "cm")
     report = artifact(Markdown, out, "report.md")
+    predictions = artifact(Dataset, out, "predictions.csv")
     result = step.evaluate.python_func(
         model=trained[0],
         dataset=Dataset(uri=str(dataset)),
@@ -118,17 +123,28 @@ def test_evaluate_scores_the_test_and_external_sets_with_roc_per_class(
         metrics=metrics,
         classification_metrics=confusion,
         report=report,
+        predictions=predictions,
         **rocs,
     )
     assert result.accuracy == metrics.metadata["accuracy"]
+    answers = pd.read_csv(predictions.path)
+    assert answers["correct"].mean() == pytest.approx(result.accuracy)
+    assert {"accuracy_ci_low", "accuracy_ci_high", "errors"} <= set(metrics.metadata)
+    low, high = metrics.metadata["accuracy_ci_low"], metrics.metadata["accuracy_ci_high"]
+    assert (
+        low <= result.accuracy <= high and metrics.metadata["errors"] == (~answers["correct"]).sum()
+    )
     assert metrics.metadata["test_images"] == len(frame) - len(external) - 36  # train+val: 36
     assert {"external_test_accuracy", "external_test_balanced_accuracy"} <= set(metrics.metadata)
+    parts = [metrics.metadata[f"external_test_{p}_test_images"] for p in ("novel", "near_copy")]
+    assert parts == [len(external) // 2] * 2  # scored apart: novel, and with a copy in training
     assert {f"{name}_recall" for name in CLASS_NAMES} <= set(metrics.metadata)
     assert confusion.metadata["confusionMatrix"]["annotationSpecs"][0]["displayName"] == "glioma"
     for roc in rocs.values():  # every class is in the test split: every curve is logged
         assert roc.metadata["confidenceMetrics"]
     text = Path(report.path).read_text()
     assert "# Brain-MRI classifier evaluation" in text and "# External test set" in text
+    assert "# External test set: novel images" in text
 
 
 def test_ingest_records_the_dataset_and_decides_to_train(
@@ -139,6 +155,8 @@ def test_ingest_records_the_dataset_and_decides_to_train(
         source=str(demo_dir),
         dataset=dataset,
         data_report=report,
+        copy_threshold=2.0,
+        neighbour_threshold=8.0,
         models_bucket=bucket,
         model_name="m",
         skip_if_unchanged=True,
@@ -158,24 +176,34 @@ def test_gate_and_promote_without_a_cluster(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     dataset, split_csv = prepared
-    gate_metrics = artifact(Metrics, tmp_path, "gate")
+    gate_metrics, gate_report = (
+        artifact(Metrics, tmp_path, "gate"),
+        artifact(Markdown, tmp_path, "g"),
+    )
+    answers = artifact(Dataset, tmp_path, "predictions.csv")
+    pd.DataFrame({"path": [], "true_label": [], "correct": []}).to_csv(answers.path, index=False)
     promote_ok = step.gate.python_func(
         accuracy=0.5,
         threshold=0.4,
         tolerance=0.0,
+        max_recall_drop=0.02,
         model_name="m",
         models_bucket=bucket,
         dataset=Dataset(uri=str(dataset)),
         split_manifest_csv=Dataset(uri=str(split_csv)),
+        predictions=answers,
         gate_metrics=gate_metrics,
+        gate_report=gate_report,
     )
     assert promote_ok is True
     assert gate_metrics.metadata == {
         "challenger_accuracy": 0.5,
         "threshold": 0.4,
         "tolerance": 0.0,
+        "max_recall_drop": 0.02,
         "promote": 1.0,
-    }  # no champion yet: no champion_accuracy
+    }  # no champion yet: no champion_accuracy, nothing compared
+    assert Path(gate_report.path).read_text().startswith("# Gate: PROMOTE")
 
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "no-kubeconfig"))

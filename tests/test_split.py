@@ -19,8 +19,15 @@ def manifest(per_class: int = 20, copies: int = 1, external: int = 0) -> pd.Data
     """``per_class`` distinct images per class, each stored ``copies`` times."""
 
     def row(path: str, label: str, content: str, source: str, dataset_set: str) -> dict:
-        return {"path": path, "label": label, "width": 8, "height": 8, "content_hash": content,
-                "source": source, "set": dataset_set}  # fmt: skip
+        return {
+            "path": path,
+            "label": label,
+            "width": 8,
+            "height": 8,
+            "content_hash": content,
+            "source": source,
+            "set": dataset_set,
+        }
 
     rows = [
         row(f"images/{c}/{i}_{k}.png", c, f"{c}-{i}", f"src/{c}/{i}_{k}.png", "primary")
