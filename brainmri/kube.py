@@ -27,7 +27,12 @@ class KubeApiError(RuntimeError):
     """The Kubernetes API refused the request or could not be reached; the message says why."""
 
 
-class AlreadyExists(KubeApiError):
+class Conflict(KubeApiError):
+    """A write was refused with 409: the object changed since it was read (or, on a create,
+    one of that name exists)."""
+
+
+class AlreadyExists(Conflict):
     """A create was refused with 409: an object of that name exists."""
 
 
@@ -101,7 +106,8 @@ class CustomResource:
         timeout: tuple[float, float] = DEFAULT_REQUEST_TIMEOUT_S,
         action: str = "patch",
     ) -> Manifest:
-        """Merge-patch the object with ``body``; the object as stored."""
+        """Merge-patch the object with ``body``; the object as stored. A ``resourceVersion`` in
+        ``body``'s metadata makes it conditional: :class:`Conflict` when the object changed."""
         try:
             return self._api(api_client).patch_namespaced_custom_object(
                 self.group,
@@ -114,6 +120,8 @@ class CustomResource:
             )
         except (ApiException, urllib3.exceptions.HTTPError) as exc:
             what = f"{action} {self.describe(namespace, name)}"
+            if isinstance(exc, ApiException) and exc.status == 409:
+                raise Conflict(f"{what}: it changed since it was read (HTTP 409)") from exc
             raise self._error(exc, api_client, what) from exc
 
     @staticmethod
@@ -194,14 +202,20 @@ def cluster_api_client() -> client.ApiClient | None:
     """An API client for the current cluster, or ``None`` when no cluster is configured.
 
     In-cluster service-account config wins; otherwise the kubeconfig named by ``KUBECONFIG``
-    (or ``~/.kube/config``) is used, with its current context.
+    (or ``~/.kube/config``) is used, with its current context. Inside a pod
+    (``KUBERNETES_SERVICE_HOST`` set) an unusable service account is an error, not "no
+    cluster": a step that changes the cluster must not quietly skip it.
     """
     configuration = client.Configuration()
     try:
         config.load_incluster_config(client_configuration=configuration)
         return client.ApiClient(configuration)
-    except ConfigException:
-        pass
+    except ConfigException as exc:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            raise KubeApiError(
+                f"running in a pod, but its service account is unusable ({exc}): check that "
+                "the pod's ServiceAccount token is mounted (automountServiceAccountToken)"
+            ) from exc
     paths = _kubeconfig_paths()
     if not paths:
         return None

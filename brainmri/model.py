@@ -1,14 +1,17 @@
 """The classifier: networks built by backbone name, and the saved model bundle format.
 
-A bundle directory holds ``model.pt`` (state dict) and ``model.json`` (backbone, class names,
-preprocessing, metadata), so serving rebuilds exactly what training produced. ``model.json`` is
-read and written only here (:meth:`ModelBundle.read_metadata`, :meth:`ModelBundle.update_metadata`);
-:func:`load_bundle` loads one from a local folder or an ``s3://`` prefix. The backbones themselves
-are described in :mod:`brainmri.backbones`.
+A bundle directory holds ``model.pt`` (state dict), ``model.json`` (backbone, class names,
+preprocessing, metadata) and ``checksums.json`` (the sha256 of the other two), so serving
+rebuilds exactly what training produced, and a bundle whose files do not match their checksums,
+or that has none (an upload that never finished: ``checksums.json`` is written last), is refused.
+``model.json`` is read and written only here (:meth:`ModelBundle.read_metadata`,
+:meth:`ModelBundle.update_metadata`); :func:`load_bundle` loads one from a local folder or an
+``s3://`` prefix. The backbones themselves are described in :mod:`brainmri.backbones`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -25,6 +28,11 @@ from brainmri.storage import ObjectStore, local_copy
 
 WEIGHTS_FILE = "model.pt"
 METADATA_FILE = "model.json"
+CHECKSUMS_FILE = "checksums.json"  # written last: a bundle without it is not complete
+
+
+class BundleError(ValueError):
+    """A folder is not a complete, intact model bundle; the message says which file and why."""
 
 
 def build_model(backbone: str, num_classes: int, pretrained: bool = False) -> nn.Module:
@@ -103,10 +111,26 @@ class ModelBundle:
         _write_description(directory, description)
         return directory
 
+    @staticmethod
+    def verify(directory: Path) -> None:
+        """Refuse, naming the file, a bundle whose files do not match ``checksums.json``, or
+        that has none."""
+        directory = Path(directory)
+        path = directory / CHECKSUMS_FILE
+        if not path.is_file():
+            raise BundleError(
+                f"{path} missing: {directory} is not a complete model bundle (its upload may "
+                "not have finished); publish it again"
+            )
+        for name, expected in json.loads(path.read_text()).items():
+            if _sha256(directory / name) != expected:
+                raise BundleError(f"{directory / name} does not match its checksum: corrupt")
+
     @classmethod
     def load(cls, directory: Path, device: torch.device | str = "cpu") -> ModelBundle:
         directory = Path(directory)
         description = _read_description(directory)
+        ModelBundle.verify(directory)
         model = build_model(description["backbone"], len(description["class_names"]))
         state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
@@ -151,7 +175,16 @@ def _read_description(directory: Path) -> dict[str, Any]:
 
 
 def _write_description(directory: Path, description: dict[str, Any]) -> None:
+    """Write ``model.json``, then the checksums of the bundle (last: they complete it)."""
     (directory / METADATA_FILE).write_text(json.dumps(description, indent=2))
+    checksums = {name: _sha256(directory / name) for name in (WEIGHTS_FILE, METADATA_FILE)}
+    (directory / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=2))
+
+
+def _sha256(path: Path) -> str:
+    if not path.is_file():
+        raise BundleError(f"{path} missing: not a complete model bundle")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def load_bundle(

@@ -7,6 +7,7 @@
 | ``S3_REGION``           | region passed to the client                | unset             |
 | ``AWS_ACCESS_KEY_ID``   | access key                                 | required          |
 | ``AWS_SECRET_ACCESS_KEY`` | secret key                               | required          |
+| ``S3_RETRY_S``          | how long a call retries a restarting server | ``60``           |
 
 The defaults point at the local server that ``make run`` starts; credentials have no
 default, so nothing secret ever lives in code.
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
 DEFAULT_ENDPOINT = "127.0.0.1:8333"
+DEFAULT_RETRY_S = 60.0  # long enough for MinIO (or the local server) to restart
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -33,9 +35,10 @@ class S3Settings:
 
     endpoint: str
     access_key: str
-    secret_key: str
+    secret_key: str = field(repr=False)
     secure: bool = False
     region: str | None = None
+    retry_s: float = DEFAULT_RETRY_S
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> S3Settings:
@@ -59,9 +62,23 @@ class S3Settings:
             secret_key=env["AWS_SECRET_ACCESS_KEY"],
             secure=secure,
             region=env.get("S3_REGION") or None,
+            retry_s=_seconds(env, "S3_RETRY_S", DEFAULT_RETRY_S),
         )
 
     @property
     def url(self) -> str:
         """The endpoint as a URL."""
         return f"{'https' if self.secure else 'http'}://{self.endpoint}"
+
+
+def _seconds(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if value < 0:
+        raise SettingsError(f"{name}={raw!r} is not a number of seconds (e.g. {name}=60)")
+    return value

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -20,14 +23,39 @@ from typing import Any
 
 import urllib3
 from minio import Minio
-from minio.error import S3Error
+from minio.error import S3Error, ServerError
 from tqdm import tqdm
 
 from brainmri.settings import S3Settings
 
+log = logging.getLogger(__name__)
+
+# Answers a restarting or overloaded server gives; anything else is final.
+TRANSIENT_CODES = frozenset(
+    {
+        "InternalError",
+        "ServiceUnavailable",
+        "SlowDown",
+        "RequestTimeout",
+        "XMinioServerNotInitialized",
+    }
+)
+
 
 class StorageError(RuntimeError):
     """Object storage refused or could not be reached; the message says what to do."""
+
+
+class PreconditionFailed(StorageError):
+    """A conditional write found the object changed (or, for a create, present) meanwhile."""
+
+
+class _Transient(Exception):  # noqa: N818 - internal signal, never escapes ObjectStore
+    """A failure worth retrying; carries the error to raise once retries run out."""
+
+    def __init__(self, error: StorageError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 @dataclass(frozen=True)
@@ -58,13 +86,26 @@ def is_s3_uri(location: str) -> bool:
 
 
 class ObjectStore:
-    """Bucket operations with clear errors for missing buckets and unreachable servers."""
+    """Bucket operations with clear errors for missing buckets and unreachable servers.
 
-    def __init__(self, settings: S3Settings | None = None, *, timeout_s: float = 10.0) -> None:
+    Every call rides out a server restart: a refused or reset connection, or a 5xx answer, is
+    retried with exponential backoff for ``retry_s`` seconds (``S3_RETRY_S``, 60 by default)
+    before it becomes a :class:`StorageError`. Retried writes are whole objects, so a retry
+    never leaves half of one.
+    """
+
+    def __init__(
+        self,
+        settings: S3Settings | None = None,
+        *,
+        timeout_s: float = 10.0,
+        retry_s: float | None = None,
+    ) -> None:
         self.settings = settings or S3Settings.from_env()
+        self.retry_s = self.settings.retry_s if retry_s is None else retry_s
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=timeout_s, read=max(timeout_s, 60.0)),
-            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=[502, 503, 504]),
+            retries=False,  # _call retries, against its own deadline
             maxsize=16,
         )
         self.client = Minio(
@@ -78,9 +119,27 @@ class ObjectStore:
 
     # -- error mapping -------------------------------------------------------------------
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)``, retried while the server is restarting, errors explained."""
+        deadline = time.monotonic() + self.retry_s
+        pause = 0.25
+        while True:
+            try:
+                return self._explained(what, fn, *args, **kwargs)
+            except _Transient as transient:
+                if time.monotonic() + pause > deadline:
+                    raise transient.error from transient.__cause__
+                log.warning("%s; retrying in %.2f s", transient.error, pause)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    def _explained(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except S3Error as err:
+            if err.code in TRANSIENT_CODES:
+                raise _Transient(StorageError(f"{what}: {err.code}: {err.message}")) from err
+            if err.code in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                raise PreconditionFailed(f"{what}: someone else wrote it meanwhile") from err
             if err.code == "NoSuchBucket":
                 raise StorageError(
                     f"{what}: bucket '{err.bucket_name}' does not exist at {self.settings.url}; "
@@ -92,10 +151,14 @@ class ObjectStore:
                     "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY."
                 ) from err
             raise StorageError(f"{what}: {err.code}: {err.message}") from err
+        except ServerError as err:
+            raise _Transient(StorageError(f"{what}: HTTP {err.status_code}: {err}")) from err
         except (urllib3.exceptions.HTTPError, OSError) as err:
-            raise StorageError(
-                f"{what}: cannot reach object storage at {self.settings.url} ({err}); is the "
-                "server running and S3_ENDPOINT right?"
+            raise _Transient(
+                StorageError(
+                    f"{what}: cannot reach object storage at {self.settings.url} ({err}); is "
+                    "the server running and S3_ENDPOINT right?"
+                )
             ) from err
 
     # -- buckets -------------------------------------------------------------------------
@@ -118,24 +181,24 @@ class ObjectStore:
         """Every object key under ``uri`` (recursive)."""
         self.require_bucket(uri.bucket)
         prefix = f"{uri.key}/" if uri.key else ""
-        objects = self._call(
-            f"listing {uri}", self.client.list_objects, uri.bucket, prefix=prefix, recursive=True
-        )
-        try:
-            for obj in objects:
-                if not obj.is_dir:
-                    yield obj.object_name
-        except S3Error as err:
-            raise StorageError(f"listing {uri}: {err.code}: {err.message}") from err
+
+        def listing() -> list[str]:
+            objects = self.client.list_objects(uri.bucket, prefix=prefix, recursive=True)
+            return [obj.object_name for obj in objects if not obj.is_dir]
+
+        return iter(self._call(f"listing {uri}", listing))
 
     def exists(self, uri: S3Uri) -> bool:
-        try:
-            self.client.stat_object(uri.bucket, uri.key)
-            return True
-        except S3Error as err:
-            if err.code in {"NoSuchKey", "NoSuchObject", "NotFound"}:
-                return False
-            return self._call(f"checking {uri}", self.client.stat_object, uri.bucket, uri.key)
+        def stat() -> bool:
+            try:
+                self.client.stat_object(uri.bucket, uri.key)
+                return True
+            except S3Error as err:
+                if err.code in {"NoSuchKey", "NoSuchObject", "NotFound"}:
+                    return False
+                raise
+
+        return self._call(f"checking {uri}", stat)
 
     def upload_file(self, path: Path, uri: S3Uri) -> None:
         self._call(
@@ -152,27 +215,67 @@ class ObjectStore:
     ) -> None:
         self._call(
             f"writing {uri}",
-            self.client.put_object,
-            uri.bucket,
-            uri.key,
-            io.BytesIO(data),
-            len(data),
-            content_type=content_type,
+            lambda: self.client.put_object(
+                uri.bucket, uri.key, io.BytesIO(data), len(data), content_type=content_type
+            ),
         )
 
     def get_bytes(self, uri: S3Uri) -> bytes:
-        response = self._call(f"reading {uri}", self.client.get_object, uri.bucket, uri.key)
-        try:
-            return response.read()
-        finally:
-            response.close()
-            response.release_conn()
+        def read() -> bytes:
+            response = self.client.get_object(uri.bucket, uri.key)
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+
+        return self._call(f"reading {uri}", read)
 
     def put_json(self, obj: Any, uri: S3Uri) -> None:
         self.put_bytes(json.dumps(obj, indent=2).encode(), uri, "application/json")
 
     def get_json(self, uri: S3Uri) -> Any:
         return json.loads(self.get_bytes(uri))
+
+    def etag(self, uri: S3Uri) -> str | None:
+        """The object's ETag, or None when there is no such object."""
+        if not self.exists(uri):
+            return None
+        return self._call(f"checking {uri}", self.client.stat_object, uri.bucket, uri.key).etag
+
+    def put_json_if(self, obj: Any, uri: S3Uri, etag: str | None) -> str:
+        """Write ``obj`` only if the object is still the one of ``etag`` (None: only if there is
+        none yet), as S3 conditional writes do (``If-Match`` / ``If-None-Match: *``); returns the
+        new ETag. :class:`PreconditionFailed` when another writer came first."""
+        data = json.dumps(obj, indent=2).encode()
+        condition = {"If-None-Match": "*"} if etag is None else {"If-Match": etag}
+        headers = {"Content-Type": "application/json", **condition}
+        # minio-py's public put_object takes no condition headers; its _put_object does
+        written = self._call(
+            f"writing {uri}", self.client._put_object, uri.bucket, uri.key, data, headers=headers
+        )
+        return written.etag
+
+    def copy(self, source: S3Uri, target: S3Uri) -> None:
+        """A server-side copy of one object."""
+        from minio.commonconfig import CopySource
+
+        self._call(
+            f"copying {source} to {target}",
+            self.client.copy_object,
+            target.bucket,
+            target.key,
+            CopySource(source.bucket, source.key),
+        )
+
+    def remove_prefix(self, uri: S3Uri) -> int:
+        """Delete every object under ``uri``; how many there were."""
+        keys = list(self.list_keys(uri)) if self.bucket_exists(uri.bucket) else []
+        for key in keys:
+            self._call(
+                f"deleting s3://{uri.bucket}/{key}", self.client.remove_object, uri.bucket, key
+            )
+        return len(keys)
 
     # -- directories ---------------------------------------------------------------------
     def upload_dir(
@@ -329,3 +432,20 @@ def publish(local: Path, location: str | Path, store: ObjectStore | None = None)
     partial = target.with_name(f"{target.name}.partial")
     shutil.copyfile(local, partial)
     os.replace(partial, target)
+
+
+def publish_committed(
+    local: Path, target: S3Uri, marker: str, store: ObjectStore | None = None
+) -> None:
+    """Upload the folder ``local`` to ``target`` so that a reader sees all of it, or a folder
+    without ``marker``, never a mix: every file goes to a staging prefix first, then is copied
+    into place with ``marker`` last; the staging copy is removed afterwards."""
+    store = store or ObjectStore()
+    staging = S3Uri(target.bucket, f"{target.key.rsplit('/', 1)[0]}/.staging/{uuid.uuid4().hex}")
+    store.upload_dir(Path(local), staging, progress=False)
+    names = sorted(p.relative_to(local).as_posix() for p in Path(local).rglob("*") if p.is_file())
+    if marker not in names:
+        raise StorageError(f"{local} holds no {marker}: nothing to commit it with")
+    for name in [n for n in names if n != marker] + [marker]:
+        store.copy(staging.child(name), target.child(name))
+    store.remove_prefix(staging)

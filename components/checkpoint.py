@@ -9,6 +9,7 @@ finished epoch, but only from a checkpoint of the very same configuration and sp
 from __future__ import annotations
 
 import tempfile
+import warnings
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,10 @@ class TrainState:
         return cls(**{**values, "best_score": tuple(values["best_score"])})
 
 
+class CorruptCheckpointWarning(UserWarning):
+    """A checkpoint exists but cannot be read; training starts from scratch."""
+
+
 class Checkpoints:
     """The last :class:`TrainState`, ``last.pt`` under an ``s3://`` prefix or a local folder."""
 
@@ -80,12 +85,27 @@ class Checkpoints:
         return self.location
 
     def load(self) -> dict[str, Any] | None:
-        """The saved checkpoint, or None when there is none yet."""
+        """The saved checkpoint, or None when there is none yet, or when it cannot be read
+        (truncated, corrupt, not a checkpoint): then training starts anew with a warning
+        instead of failing every retry on the same file."""
         if not location_exists(self.location, self.store):
             return None
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
             path = fetch(self.location, Path(tmp) / CHECKPOINT_FILE, self.store)
-            return torch.load(path, map_location="cpu", weights_only=True)
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as err:  # noqa: BLE001 - any unreadable file means the same
+                saved = err
+        if not isinstance(saved, dict):
+            reason = saved if isinstance(saved, Exception) else f"holds a {type(saved).__name__}"
+            warnings.warn(
+                f"checkpoint {self.location} cannot be read ({reason}); training starts from "
+                "scratch and will overwrite it",
+                CorruptCheckpointWarning,
+                stacklevel=2,
+            )
+            return None
+        return saved
 
     def save(self, checkpoint: dict[str, Any]) -> None:
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:

@@ -21,8 +21,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from brainmri.inference_service import INFERENCE_SERVICES, storage_uri_of
 from brainmri.model import load_bundle
-from brainmri.registry import read_production_record
+from brainmri.registry import RecordError, production_record_uri, read_production_record
 from brainmri.storage import ObjectStore, StorageError
 from components.evaluate import evaluate_rows
 from components.report import markdown_table
@@ -254,15 +255,27 @@ def gate_model(
     tolerance: float = 0.005,
     max_recall_drop: float = 0.02,
     store: ObjectStore | None = None,
+    api_client: Any = None,
+    namespace: str = "brain-mri",
 ) -> GateDecision:
     """Fetch and score the champion, then decide; logs the decision and the scores as JSON.
 
-    When the champion cannot be loaded or scored, its recorded accuracy stands in (noted as
-    such)."""
+    It fails closed: with no production record while the InferenceService exists (``api_client``
+    given), or with an unreadable record, it stops naming the object instead of treating the
+    challenger as the first model. When the champion cannot be loaded or scored, its recorded
+    accuracy stands in (noted as such)."""
     store = store or ObjectStore()
     champion = fetch_champion(models_bucket, model_name, store)
     limits = {"tolerance": tolerance, "max_recall_drop": max_recall_drop}
     if champion is None:
+        live = INFERENCE_SERVICES.get(api_client, namespace, model_name) if api_client else None
+        if live is not None:
+            raise RecordError(
+                f"{production_record_uri(models_bucket, model_name)} is missing, but "
+                f"{INFERENCE_SERVICES.describe(namespace, model_name)} exists and serves "
+                f"{storage_uri_of(live)}: restore the record (version and storage_uri of what it "
+                "serves) before promoting; the gate does not take this for a first model"
+            )
         decision = gate_decision(accuracy, threshold, **limits)
         return _logged(decision, "first model: threshold only")
     where = f"champion {champion.version} ({champion.storage_uri})"
@@ -270,7 +283,7 @@ def gate_model(
         comparison = compare_with_champion(
             champion.storage_uri, predictions, dataset_dir, split_csv, store
         )
-    except (StorageError, OSError, ValueError, KeyError, RuntimeError) as err:
+    except (StorageError, OSError, ValueError, KeyError, RuntimeError) as err:  # BundleError too
         if champion.recorded_accuracy is None:
             decision = gate_decision(accuracy, threshold, **limits)
             return _logged(

@@ -253,6 +253,7 @@ def gate(
     predictions: Input[Dataset],
     gate_metrics: Output[Metrics],
     gate_report: Output[Markdown],
+    namespace: str = "brain-mri",
 ) -> bool:
     """Champion/challenger, like with like: True when the model may be promoted; logs the
     decision, both scores and the paired counts, and shows them as Markdown."""
@@ -260,6 +261,7 @@ def gate(
 
     import pandas as pd
 
+    from brainmri.kube import cluster_api_client
     from components.gate import gate_model, render_gate_report
 
     decision = gate_model(
@@ -272,6 +274,8 @@ def gate(
         Path(split_manifest_csv.path),
         tolerance=tolerance,
         max_recall_drop=max_recall_drop,
+        api_client=cluster_api_client(),
+        namespace=namespace,
     )
     gate_metrics.log_metric("challenger_accuracy", decision.challenger_accuracy)
     if decision.champion_accuracy is not None:

@@ -1,16 +1,18 @@
 """Promote: publish a gated model as a new version and roll the InferenceService to it.
 
 Other services call the InferenceService, so a promotion must never leave them without a
-working model: the new version is uploaded next to the old ones, the InferenceService is
-created or patched, and the step waits for KServe to report it Ready. If it does not (a
-failure, or the timeout), the previous spec is restored and the step fails saying why. The
-production record ``<model_name>/production.json`` is written only after Ready, so it always
-names a version that served.
+working model: the new version is uploaded (complete or not at all) next to the old ones, the
+InferenceService is created or patched, and the step waits until the new model serves. If it
+does not (a failure, or the timeout), the previous spec is restored, the model is marked as
+rejected (a retry does not roll it out again) and the step fails saying why. The production
+record ``<model_name>/production.json`` is written only then, conditionally, and only while the
+InferenceService serves that version: it always names what is served.
 """
 
 import hashlib
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,17 +20,29 @@ from pathlib import Path
 from kubernetes.client import ApiClient
 
 from brainmri.inference_service import (
-    DEFAULT_POLL_INTERVAL_S,
-    DEFAULT_READY_TIMEOUT_S,
+    INFERENCE_SERVICES,
     InferenceServiceSpec,
-    RolloutError,
     render_inference_service,
-    roll_out_inference_service,
+    storage_uri_of,
     to_yaml,
 )
-from brainmri.model import WEIGHTS_FILE, ModelBundle
-from brainmri.registry import production_record_uri, read_production_record
-from brainmri.storage import ObjectStore, S3Uri
+from brainmri.model import CHECKSUMS_FILE, WEIGHTS_FILE, ModelBundle
+from brainmri.registry import (
+    read_production_record_and_etag,
+    rejected_uri,
+    write_production_record,
+)
+from brainmri.rollout import (
+    DEFAULT_POLL_INTERVAL_S,
+    DEFAULT_READY_TIMEOUT_S,
+    ConcurrentRollout,
+    Rollout,
+    RolloutError,
+    Target,
+    probe_model_version,
+    roll_out_inference_service,
+)
+from brainmri.storage import ObjectStore, PreconditionFailed, S3Uri, publish_committed
 
 SHORT_DIGEST = 8  # hex characters of a digest in a version name
 
@@ -78,58 +92,131 @@ def promote_model(
     data_fingerprint: str | None = None,
     wait_ready_timeout_s: float = DEFAULT_READY_TIMEOUT_S,
     poll_interval_s: float = DEFAULT_POLL_INTERVAL_S,
+    probe: Callable[[str, str], str] = probe_model_version,
 ) -> Promotion:
-    """Upload ``model_dir`` to ``s3://<bucket>/<name>/<version>/`` and roll the ISVC to it.
+    """Publish ``model_dir`` as ``s3://<bucket>/<name>/<version>/`` and roll the ISVC to it.
 
+    A model whose rollout failed before (recorded by the sha256 of its weights) is refused at
+    once: a retried task never rolls the same bad model out again. The version is uploaded so
+    that it is complete or absent (:func:`brainmri.storage.publish_committed`).
     ``isvc.canary_traffic_percent`` (when set) sends that share of traffic to the new version
     while KServe keeps the rest on the last fully rolled-out one. The step waits up to
-    ``wait_ready_timeout_s`` for the InferenceService to report the new spec Ready; on a
-    failure or timeout the previous spec is restored, :class:`RolloutError` is raised, and the
-    production record is left as it was. After Ready the record names the new version, its
-    canary share (None: all traffic) and ``previous_version``, which serves the rest of a
-    canary. Without a cluster (``api_client`` None) the model is only published and recorded:
-    the record is then what a local server serves.
+    ``wait_ready_timeout_s`` until the new model serves (:mod:`brainmri.rollout`); on a failure
+    or timeout the previous spec is restored, :class:`RolloutError` is raised, and the
+    production record is left as it was. Then the record is written, conditionally, naming the
+    version, its canary share and ``previous_version``; only if the InferenceService still
+    serves it. Without a cluster (``api_client`` None) the model is only published and
+    recorded: the record is then what a local server serves.
     """
     store = store or ObjectStore()
+    store.ensure_bucket(models_bucket)
+    digest = hashlib.sha256(Path(model_dir, WEIGHTS_FILE).read_bytes()).hexdigest()
+    rejected = rejected_uri(models_bucket, model_name, digest)
+    if store.exists(rejected):
+        raise RolloutError(
+            f"this model (weights {digest[:12]}) failed to roll out before ({rejected}): it is "
+            "not rolled out again. Train a new model, or delete that record to try anyway."
+        )
     version = model_version(model_dir, data_fingerprint=data_fingerprint)
     target = S3Uri(models_bucket, f"{model_name}/{version}")
-    record_uri = production_record_uri(models_bucket, model_name)
-    store.ensure_bucket(models_bucket)
-    previous = read_production_record(store, models_bucket, model_name) or {}
+    previous, etag = read_production_record_and_etag(store, models_bucket, model_name)
+    previous = previous or {}
     with tempfile.TemporaryDirectory(prefix="promote-") as staging:
         staged = Path(shutil.copytree(model_dir, Path(staging) / version))
         ModelBundle.update_metadata(staged, version=version)  # what the server reports
-        store.upload_dir(staged, target)
+        publish_committed(staged, target, CHECKSUMS_FILE, store)
     manifest = render_inference_service(replace(isvc, storage_uri=str(target)))
-    if api_client is None:
-        action, detail = "skipped: no Kubernetes cluster configured", ""
-    else:
-        try:
-            rollout = roll_out_inference_service(
-                manifest,
-                api_client,
-                timeout_s=wait_ready_timeout_s,
-                poll_interval_s=poll_interval_s,
-            )
-        except RolloutError as err:
-            still = previous.get("version") or "no version (none was promoted before)"
-            raise RolloutError(
-                f"{err} Model {version} stays uploaded at {target} but is not in production: "
-                f"{record_uri} still names {still}."
-            ) from err
-        action, detail = rollout.action, rollout.detail
-    store.put_json(
-        {
-            "version": version,
-            "storage_uri": str(target),
-            "accuracy": accuracy,
-            "data_fingerprint": data_fingerprint,
-            "canary_traffic_percent": isvc.canary_traffic_percent,
-            "previous_version": previous.get("version"),
-            "promoted_at": datetime.now(UTC).isoformat(),
-        },
-        record_uri,
-    )
+    rollout = Rollout("skipped: no Kubernetes cluster configured", "", isvc.canary_traffic_percent)
+    if api_client is not None:
+        rollout = _roll_out(
+            manifest,
+            api_client,
+            version,
+            isvc,
+            rejected,
+            store,
+            previous,
+            wait_ready_timeout_s,
+            poll_interval_s,
+            probe,
+        )
+    record = {
+        "version": version,
+        "storage_uri": str(target),
+        "accuracy": accuracy,
+        "data_fingerprint": data_fingerprint,
+        "canary_traffic_percent": rollout.canary_percent,  # as served, not only as asked
+        "previous_version": previous.get("version"),
+        "promoted_at": datetime.now(UTC).isoformat(),
+    }
+    _record(store, models_bucket, model_name, record, etag, manifest, api_client)
     return Promotion(
-        version, str(target), action, to_yaml(manifest), previous.get("version"), detail
+        version,
+        str(target),
+        rollout.action,
+        to_yaml(manifest),
+        previous.get("version"),
+        rollout.detail,
     )
+
+
+def _roll_out(
+    manifest: dict,
+    api_client: ApiClient,
+    version: str,
+    isvc: InferenceServiceSpec,
+    rejected: S3Uri,
+    store: ObjectStore,
+    previous: dict,
+    timeout_s: float,
+    poll_s: float,
+    probe: Callable[[str, str], str],
+) -> Rollout:
+    """Roll out; a failure marks the model as rejected and keeps the record's version."""
+    target = Target(version, isvc.model_name, isvc.canary_traffic_percent)
+    try:
+        rollout = roll_out_inference_service(
+            manifest, api_client, target, timeout_s=timeout_s, poll_interval_s=poll_s, probe=probe
+        )
+    except ConcurrentRollout:
+        raise  # another promotion: nothing of this one was changed, a retry may succeed
+    except RolloutError as err:
+        store.put_json(
+            {"version": version, "error": str(err), "at": datetime.now(UTC).isoformat()}, rejected
+        )
+        still = previous.get("version") or "no version (none was promoted before)"
+        raise RolloutError(
+            f"{err} Model {version} is not in production and is not rolled out again; the "
+            f"production record still names {still}."
+        ) from err
+    return rollout
+
+
+def _record(
+    store: ObjectStore,
+    models_bucket: str,
+    model_name: str,
+    record: dict,
+    etag: str | None,
+    manifest: dict,
+    api_client: ApiClient | None,
+    attempts: int = 3,
+) -> None:
+    """Write the production record if nobody else did meanwhile; when someone did, write it
+    only while the InferenceService still serves this version."""
+    for _ in range(attempts):
+        try:
+            write_production_record(store, models_bucket, model_name, record, etag)
+            return
+        except PreconditionFailed:
+            _, etag = read_production_record_and_etag(store, models_bucket, model_name)
+            if api_client is not None:
+                meta = manifest["metadata"]
+                live = INFERENCE_SERVICES.get(api_client, meta["namespace"], meta["name"])
+                if storage_uri_of(live) != record["storage_uri"]:
+                    raise ConcurrentRollout(
+                        f"another promotion rolled out {storage_uri_of(live)} after this one: "
+                        f"the production record is left to it ({record['version']} no longer "
+                        "serves)"
+                    ) from None
+    raise ConcurrentRollout(f"the production record kept changing under {attempts} attempts")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -291,6 +292,22 @@ def evaluate(model: nn.Module, loader: DataLoader, runner: _Runner) -> tuple[flo
     return correct / max(total, 1), loss_sum / max(total, 1)
 
 
+class DivergedError(RuntimeError):
+    """The loss stopped being a finite number: training cannot continue from these weights."""
+
+
+def check_finite(row: dict[str, Any]) -> None:
+    """Stop the run (before its epoch is checkpointed or anything saved) when a loss is NaN/inf."""
+    bad = [k for k in ("train_loss", "val_loss") if not math.isfinite(row[k])]
+    if bad:
+        raise DivergedError(
+            f"{' and '.join(f'{k} = {row[k]}' for k in bad)} in epoch {row['epoch']} "
+            f"({row['phase']} phase, learning rate {row['learning_rate']:.3g}): training "
+            "diverged, nothing of this epoch was saved. Lower learning_rate, or check the "
+            "images for corrupt pixels; a retry resumes from the last finished epoch."
+        )
+
+
 @dataclass
 class _Setup:
     """What :func:`train_model` builds before its first epoch."""
@@ -471,6 +488,7 @@ def train_model(
                 state.stale_epochs = 0  # a new phase gets its own patience
             phase = _start_phase(name, s, resume if phase is None else None)
         row = _run_epoch(epoch, phase, s, loss_fn, progress)
+        check_finite(row)
         state.phase = name
         state.record(row, s.model)
         print(json.dumps(row), flush=True)

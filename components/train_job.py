@@ -119,23 +119,36 @@ def job_state(job: dict[str, Any]) -> Progress:
     return Progress(PENDING, "")
 
 
+def create_or_adopt(manifest: dict[str, Any], api_client: client.ApiClient) -> dict[str, Any]:
+    """Create the job; when one of that name exists (a retried task), adopt it while it runs or
+    has succeeded, and start a fresh one (``-r2``, ``-r3``, ...) when it failed. Returns the
+    manifest of the job to wait for."""
+    meta = manifest["metadata"]
+    for attempt in range(1, 10):
+        name = meta["name"] if attempt == 1 else f"{meta['name'][:59]}-r{attempt}"
+        candidate = {**manifest, "metadata": {**meta, "name": name}}
+        try:
+            PYTORCH_JOBS.create(api_client, candidate)
+            return candidate
+        except AlreadyExists:
+            existing = PYTORCH_JOBS.get(api_client, meta["namespace"], name)
+            if existing is not None and job_state(existing).state != "Failed":
+                print(f"adopting {PYTORCH_JOBS.describe(meta['namespace'], name)} (a retry)")
+                return candidate
+    raise TrainingJobError(f"PyTorchJob {meta['name']} failed 9 times; delete the old ones")
+
+
 def run_pytorch_job(
     manifest: dict[str, Any],
     api_client: client.ApiClient,
     timeout_s: float = DEFAULT_JOB_TIMEOUT_S,
     poll_s: float = 10.0,
 ) -> str:
-    """Create the job and wait until it succeeds; raise :class:`TrainingJobError` otherwise.
-    An API error while waiting does not end the wait (:func:`brainmri.kube.poll`)."""
+    """Create (or adopt) the job and wait until it succeeds; raise :class:`TrainingJobError`
+    otherwise. An API error while waiting does not end the wait (:func:`brainmri.kube.poll`)."""
+    manifest = create_or_adopt(manifest, api_client)
     name, namespace = manifest["metadata"]["name"], manifest["metadata"]["namespace"]
     where = PYTORCH_JOBS.describe(namespace, name)
-    try:
-        PYTORCH_JOBS.create(api_client, manifest)
-    except AlreadyExists as err:
-        raise TrainingJobError(
-            f"{where} already exists: delete it (kubectl -n {namespace} delete pytorchjob "
-            f"{name}) or start a new run"
-        ) from err
 
     def look() -> Progress:
         job = PYTORCH_JOBS.get(api_client, namespace, name)

@@ -139,6 +139,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
                 dataset=ingest_task.outputs["dataset"],
                 split_manifest_csv=split_task.outputs["split_manifest_csv"],
                 predictions=evaluate_task.outputs["predictions"],
+                namespace=namespace,
             )
             promote_ok = gate_task.outputs["Output"] == True  # noqa: E712 - a KFP condition
             with dsl.If(promote_ok, name="accuracy-gate"):

@@ -196,3 +196,40 @@ def test_a_bundle_records_what_it_trained_on(prepared: tuple[Path, Path], tmp_pa
     frame = load_split(split_csv)
     seen = frame[frame["split"].isin(("train", "val"))]["content_hash"].str[:HASH_PREFIX]
     assert recorded == set(seen) and len(recorded) == 36
+
+
+def test_the_gate_fails_closed_when_the_record_is_missing_but_a_service_serves(
+    prepared: tuple[Path, Path], store: ObjectStore, bucket: str, kube_api
+) -> None:
+    from brainmri.inference_service import InferenceServiceSpec, render_inference_service
+    from brainmri.registry import RecordError
+    from brainmri.rollout import apply_inference_service
+
+    served = InferenceServiceSpec("brain", "brain-mri", "s3://models/brain/v7", "img", "brain")
+    apply_inference_service(render_inference_service(served), kube_api.api_client())
+    predictions = challenger_predictions(prepared[1])
+    with pytest.raises(RecordError, match=r"production.json is missing, but .* serves s3://"):
+        gate_model(
+            0.99,
+            0.5,
+            bucket,
+            "brain",
+            predictions,
+            *prepared,
+            store=store,
+            api_client=kube_api.api_client(),
+            namespace="brain-mri",
+        )
+
+
+@pytest.mark.parametrize("broken", [b"", b"{half", b'"a string"', b'{"storage_uri": "s3://x"}'])
+def test_the_gate_fails_closed_on_an_unreadable_record(
+    prepared: tuple[Path, Path], store: ObjectStore, bucket: str, broken: bytes
+) -> None:
+    from brainmri.registry import RecordError
+
+    store.put_bytes(broken, production_record_uri(bucket, "brain"))
+    with pytest.raises(RecordError, match="is not a production record"):
+        gate_model(
+            0.99, 0.5, bucket, "brain", challenger_predictions(prepared[1]), *prepared, store=store
+        )

@@ -1,8 +1,5 @@
-"""InferenceService rendering and apply, against kmock's in-memory Kubernetes API over real HTTP.
-
-``kube_api`` runs a :class:`kmock.KubernetesEmulator` on its own event loop in a background
-thread, so the synchronous ``kubernetes`` client talks to it like to a real API server.
-"""
+"""InferenceService rendering; the Kubernetes API client against the emulated API server (real
+HTTP, generation and resourceVersion as a real server keeps them); and its errors."""
 
 from __future__ import annotations
 
@@ -16,25 +13,18 @@ import kmock
 import pytest
 from kubernetes import client
 
-from brainmri import inference_service
 from brainmri.inference_service import (
     CONTAINER_NAME,
     INFERENCE_SERVICES,
     MODEL_MOUNT_PATH,
     STORAGE_URI_ENV,
     InferenceServiceSpec,
-    Rollout,
-    RolloutError,
-    RolloutWatch,
-    apply_inference_service,
-    merge_patch,
     render_inference_service,
-    roll_out_inference_service,
     to_yaml,
-    wait_until_ready,
 )
-from brainmri.kube import KubeApiError, Progress, cluster_api_client
-from tests.kube_emulator import FakeController, KubeApi
+from brainmri.kube import Conflict, KubeApiError, cluster_api_client
+from brainmri.rollout import apply_inference_service
+from tests.kube_emulator import KubeApi
 
 GROUP, VERSION, PLURAL = (
     INFERENCE_SERVICES.group,
@@ -138,53 +128,52 @@ def test_apply_creates_then_patches(kube_api: KubeApi) -> None:
     first = render_inference_service(make_spec())
 
     assert get_inference_service("brain-mri", "kubeflow-user", api_client) is None
-    assert apply_inference_service(first, api_client)[0] == "created"
-    assert kube_api.stored("brain-mri", "kubeflow-user") == first
+    action, stored = apply_inference_service(first, api_client)
+    assert action == "created" and stored["spec"] == first["spec"]
 
     second = render_inference_service(make_spec(storage_uri="s3://models/brain-mri/v2"))
-    assert apply_inference_service(second, api_client)[0] == "patched"
+    assert apply_inference_service(second, api_client, stored)[0] == "patched"
     fetched = get_inference_service("brain-mri", "kubeflow-user", api_client)
     assert fetched is not None
     (container,) = predictor_of(fetched)["containers"]
     assert container["env"] == [{"name": STORAGE_URI_ENV, "value": "s3://models/brain-mri/v2"}]
-    assert fetched == second
+    assert fetched["spec"] == second["spec"]
+
+
+def test_the_api_server_keeps_generation_and_resource_version(kube_api: KubeApi) -> None:
+    """As a real one does: generation grows with spec changes only, resourceVersion with every
+    write, a write with an older resourceVersion is a 409, the status has its own subresource."""
+    api_client = kube_api.api_client()
+    _, created = apply_inference_service(render_inference_service(make_spec()), api_client)
+    assert created["metadata"]["generation"] == 1 and created["metadata"]["uid"]
+    status = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    after_status = client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
+        GROUP, VERSION, "kubeflow-user", PLURAL, "brain-mri", status
+    )
+    assert after_status["metadata"]["generation"] == 1  # a status write is not a spec change
+    assert int(after_status["metadata"]["resourceVersion"]) > int(
+        created["metadata"]["resourceVersion"]
+    )
+    changed = render_inference_service(make_spec(storage_uri="s3://models/brain-mri/v2"))
+    _, patched = apply_inference_service(changed, api_client, after_status)
+    assert patched["metadata"]["generation"] == 2
+    assert patched["status"] == after_status["status"]  # the object's write kept the status
+    with pytest.raises(Conflict, match="409"):  # based on what it read before the last write
+        apply_inference_service(changed, api_client, after_status)
 
 
 def test_canary_percent_lands_and_plain_apply_clears_it(kube_api: KubeApi) -> None:
     api_client = kube_api.api_client()
-    apply_inference_service(render_inference_service(make_spec()), api_client)
+    _, stored = apply_inference_service(render_inference_service(make_spec()), api_client)
 
     canary = make_spec(storage_uri="s3://models/brain-mri/v2", canary_traffic_percent=20)
-    assert apply_inference_service(render_inference_service(canary), api_client)[0] == "patched"
-    stored = kube_api.stored("brain-mri", "kubeflow-user")
-    assert predictor_of(stored)["canaryTrafficPercent"] == 20
+    action, stored = apply_inference_service(render_inference_service(canary), api_client, stored)
+    assert action == "patched"
+    assert predictor_of(kube_api.stored("brain-mri", "kubeflow-user"))["canaryTrafficPercent"] == 20
 
     promoted = make_spec(storage_uri="s3://models/brain-mri/v2")
-    apply_inference_service(render_inference_service(promoted), api_client)
+    apply_inference_service(render_inference_service(promoted), api_client, stored)
     assert "canaryTrafficPercent" not in predictor_of(kube_api.stored("brain-mri", "kubeflow-user"))
-
-
-def test_status_set_as_a_controller_would_is_readable(kube_api: KubeApi) -> None:
-    """Two ways for status tests to play the KServe controller; both are seen by GET."""
-    api_client = kube_api.api_client()
-    apply_inference_service(render_inference_service(make_spec()), api_client)
-
-    # 1. Over HTTP, as the controller does: PATCH the status subresource.
-    not_ready = [{"type": "Ready", "status": "False", "reason": "RevisionMissing"}]
-    client.CustomObjectsApi(api_client).patch_namespaced_custom_object_status(
-        GROUP, VERSION, "kubeflow-user", PLURAL, "brain-mri", {"status": {"conditions": not_ready}}
-    )
-    fetched = get_inference_service("brain-mri", "kubeflow-user", api_client)
-    assert fetched is not None
-    assert fetched["status"]["conditions"] == not_ready
-
-    # 2. Directly in the emulator's store.
-    ready = [{"type": "Ready", "status": "True"}]
-    kube_api.set_status("brain-mri", "kubeflow-user", {"conditions": ready})
-    fetched = get_inference_service("brain-mri", "kubeflow-user", api_client)
-    assert fetched is not None
-    assert fetched["status"]["conditions"] == ready
-    assert fetched["spec"] == render_inference_service(make_spec())["spec"]
 
 
 def _closed_port() -> int:
@@ -233,6 +222,17 @@ def test_cluster_api_client_is_none_without_kubeconfig(
     assert cluster_api_client() is None
 
 
+def test_inside_a_pod_an_unusable_service_account_is_an_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not "no cluster": a promote step in a pod must not skip the rollout and still record."""
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    with pytest.raises(KubeApiError, match="service account is unusable"):
+        cluster_api_client()
+
+
 def test_cluster_api_client_uses_kubeconfig(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -249,164 +249,3 @@ def test_cluster_api_client_uses_kubeconfig(
     assert api_client is not None
     with api_client:
         assert api_client.configuration.host == "http://127.0.0.1:6443"
-
-
-# -- readiness of a rollout --------------------------------------------------------------------
-def isvc_with(
-    ready: dict[str, Any] | None = None,
-    *,
-    generation: int | None = None,
-    observed: int | None = None,
-    model_status: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    status: dict[str, Any] = {"conditions": [{"type": "Ready", **ready}] if ready else []}
-    if observed is not None:
-        status["observedGeneration"] = observed
-    if model_status is not None:
-        status["modelStatus"] = model_status
-    meta: dict[str, Any] = {"name": "brain-mri"}
-    if generation is not None:
-        meta["generation"] = generation
-    return {"metadata": meta, "spec": {}, "status": status}
-
-
-READY_OLD = {"status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}
-READY_NEW = {"status": "True", "lastTransitionTime": "2026-01-01T00:05:00Z"}
-
-
-def test_watch_trusts_observed_generation_when_the_server_reports_it() -> None:
-    watch = RolloutWatch(generation=3, baseline=READY_OLD)
-    stale = watch.assess(isvc_with(READY_OLD, generation=3, observed=2))
-    assert stale.state == "pending" and "generation 3" in stale.detail
-    assert watch.assess(isvc_with(READY_OLD, generation=3, observed=3)).state == "ready"
-    failed = isvc_with({"status": "False", "reason": "RevisionFailed"}, generation=3, observed=3)
-    assert watch.assess(failed) == Progress("failed", "Ready=False (RevisionFailed)")
-
-
-def test_watch_without_generations_needs_a_changed_ready_condition() -> None:
-    watch = RolloutWatch(generation=None, baseline=READY_OLD)
-    assert watch.assess(isvc_with(READY_OLD)).state == "pending"  # stale: from the old spec
-    assert watch.assess(isvc_with({"status": "Unknown", "reason": "Deploying"})).state == "pending"
-    assert watch.assess(isvc_with(READY_OLD)).state == "ready"  # changed once: sticky
-    assert RolloutWatch(None, READY_OLD).assess(isvc_with(READY_NEW)).state == "ready"
-    assert RolloutWatch(None, None, created=True).assess(isvc_with(READY_OLD)).state == "ready"
-
-
-@pytest.mark.parametrize(
-    ("ready", "model_status", "state", "detail"),
-    [
-        ({"status": "False", "reason": "RevisionMissing"}, None, "pending", "RevisionMissing"),
-        ({"status": "False"}, None, "pending", "Ready=False"),
-        ({"status": "Unknown"}, None, "pending", "Ready=Unknown"),
-        (None, None, "pending", "no Ready condition yet"),
-        (
-            {"status": "False", "reason": "ProgressDeadlineExceeded", "message": "too slow"},
-            None,
-            "failed",
-            "Ready=False (ProgressDeadlineExceeded): too slow",
-        ),
-        (
-            {"status": "Unknown"},
-            {
-                "transitionStatus": "BlockedByFailedLoad",
-                "lastFailureInfo": {"reason": "ModelLoadFailed", "message": "no model.json"},
-            },
-            "failed",
-            "model BlockedByFailedLoad: ModelLoadFailed: no model.json",
-        ),
-    ],
-    ids=["in-progress-reason", "no-reason", "unknown", "no-condition", "failed", "model-load"],
-)
-def test_watch_tells_progress_from_failure(
-    ready: dict | None, model_status: dict | None, state: str, detail: str
-) -> None:
-    watch = RolloutWatch(generation=2, baseline=None)
-    seen = watch.assess(isvc_with(ready, generation=2, observed=2, model_status=model_status))
-    assert seen.state == state and detail in seen.detail
-
-
-def test_watch_fails_when_the_service_disappears() -> None:
-    assert RolloutWatch(None, READY_OLD).assess(None).state == "failed"
-
-
-def test_wait_keeps_polling_through_api_errors_until_the_deadline() -> None:
-    configuration = client.Configuration()
-    configuration.host = f"http://127.0.0.1:{_closed_port()}"
-    configuration.retries = 0
-    now = [0.0]
-    with client.ApiClient(configuration) as api_client:
-        seen = wait_until_ready(
-            "brain-mri",
-            "kubeflow-user",
-            api_client,
-            RolloutWatch(None, READY_OLD),
-            timeout_s=10.0,
-            poll_interval_s=4.0,
-            request_timeout=(1.0, 1.0),
-            clock=lambda: now[0],
-            sleep=lambda seconds: now.__setitem__(0, now[0] + seconds),
-        )
-    assert seen.state == "timeout"
-    assert "last poll failed" in seen.detail and "cannot reach" in seen.detail
-    assert now[0] == 10.0  # slept 4 + 4 + 2, never past the deadline
-
-
-def test_merge_patch_turns_current_into_target() -> None:
-    current = {"spec": {"predictor": {"canaryTrafficPercent": 20, "containers": [1, 2]}}, "x": 1}
-    target = {"spec": {"predictor": {"containers": [1]}}, "y": {"z": 2}}
-    patch = merge_patch(current, target)
-    assert patch == {
-        "x": None,
-        "spec": {"predictor": {"canaryTrafficPercent": None, "containers": [1]}},
-        "y": {"z": 2},
-    }
-    assert merge_patch(target, target) == {}
-
-
-def test_rollback_restores_spec_annotations_and_labels(kube_api: KubeApi) -> None:
-    api_client = kube_api.api_client()
-    previous = render_inference_service(make_spec(server_args=("--max_batch_size", "8")))
-    previous["metadata"]["labels"] = {"team": "imaging"}
-    apply_inference_service(previous, api_client)
-    kube_api.set_status(
-        "brain-mri", "kubeflow-user", {"conditions": [{"type": "Ready", **READY_OLD}]}
-    )
-
-    broken = render_inference_service(
-        make_spec(storage_uri="s3://models/brain-mri/v2", canary_traffic_percent=10)
-    )
-    broken["metadata"]["annotations"]["added-by-new-spec"] = "yes"
-    with pytest.raises(RolloutError) as info:  # nothing ever reports on it: a stale Ready
-        roll_out_inference_service(broken, api_client, timeout_s=0.2, poll_interval_s=0.02)
-    assert "storage URI s3://models/brain-mri/v1" in str(info.value)
-    stored = kube_api.stored("brain-mri", "kubeflow-user")
-    assert stored["spec"] == previous["spec"]
-    assert stored["metadata"]["annotations"] == previous["metadata"]["annotations"]
-    assert stored["metadata"]["labels"] == {"team": "imaging"}
-
-
-def test_a_failed_rollback_is_reported_with_what_to_restore(
-    kube_api: KubeApi, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    api_client = kube_api.api_client()
-    apply_inference_service(render_inference_service(make_spec()), api_client)
-
-    def refuse(*_args: Any) -> None:
-        raise KubeApiError("HTTP 403 Forbidden")
-
-    monkeypatch.setattr(inference_service, "_restore", refuse)
-    new = render_inference_service(make_spec(storage_uri="s3://models/brain-mri/v2"))
-    with pytest.raises(RolloutError) as info:
-        roll_out_inference_service(new, api_client, timeout_s=0.1, poll_interval_s=0.02)
-    message = str(info.value)
-    assert "Rolling back to the previous spec failed as well: HTTP 403 Forbidden" in message
-    assert "its storage URI was s3://models/brain-mri/v1" in message
-
-
-def test_roll_out_returns_once_ready(kube_api: KubeApi) -> None:
-    api_client = kube_api.api_client()
-    with FakeController(kube_api, "brain-mri", "kubeflow-user"):
-        rollout = roll_out_inference_service(
-            render_inference_service(make_spec()), api_client, timeout_s=30, poll_interval_s=0.02
-        )
-    assert rollout == Rollout("created", "Ready=True")

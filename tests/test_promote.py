@@ -1,12 +1,14 @@
-"""Promotion: versioned upload to the real local S3 server, then a rollout through kmock.
-
-A :class:`~tests.kube_emulator.FakeController` plays KServe: it sets the Ready condition of each
-new spec, from a thread, while ``promote_model`` waits for it.
-"""
+"""Promotion: versioned, committed upload to the real local S3 server, then a rollout through
+the emulated API server, with :class:`~tests.kube_emulator.FakeKServe` playing KServe (its
+rolling updates and its predictor's answers) from a thread while ``promote_model`` waits."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
+import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,23 +20,25 @@ import torch
 
 from brainmri import CLASS_NAMES
 from brainmri.images import PreprocessConfig
-from brainmri.inference_service import InferenceServiceSpec, RolloutError, storage_uri_of
+from brainmri.inference_service import InferenceServiceSpec, storage_uri_of
 from brainmri.kube import KubeApiError
-from brainmri.model import ModelBundle, build_model
-from brainmri.storage import ObjectStore, S3Uri
-from components.promote import (
-    Promotion,
-    model_version,
+from brainmri.model import BundleError, ModelBundle, build_model, load_bundle
+from brainmri.registry import (
+    RecordError,
     production_record_uri,
-    promote_model,
+    read_production_record,
+    rejected_uri,
 )
-from tests.kube_emulator import FakeController, KubeApi, ready_status
+from brainmri.rollout import ConcurrentRollout, RolloutError
+from brainmri.storage import ObjectStore, S3Uri, StorageError
+from components.promote import Promotion, model_version, promote_model
+from tests.kube_emulator import FakeKServe, KubeApi, version_of
 
 NAME = "brain-mri-classifier"
 NAMESPACE = "brain-mri"
 FINGERPRINT = "0123abcd" + "e" * 56
-BROKEN_IMAGE = "predictor:broken"  # the fake controller reports its revision as failed
-STUCK_IMAGE = "predictor:stuck"  # the fake controller never reports on it
+BROKEN_IMAGE = "predictor:broken"  # its pods never start: the rollout fails
+STUCK_IMAGE = "predictor:stuck"  # nothing ever changes: the old pods keep answering
 FAST = {"poll_interval_s": 0.02}  # tests poll often; success comes within a second
 
 
@@ -61,20 +65,14 @@ def image_of(isvc: dict[str, Any]) -> str:
     return isvc["spec"]["predictor"]["containers"][0]["image"]
 
 
-def kserve_outcome(isvc: dict[str, Any]) -> dict[str, Any] | None:
-    """Ready for a good image; a failed revision for the broken one; silence for the stuck one."""
-    image = image_of(isvc)
-    if image == BROKEN_IMAGE:
-        message = f"Unable to fetch image {BROKEN_IMAGE!r}: not found"
-        return ready_status("False", "RevisionFailed", message)
-    if image == STUCK_IMAGE:
-        return None
-    return ready_status()
+def kserve_outcome(isvc: dict[str, Any]) -> str:
+    """A failed rollout for the broken image, none at all for the stuck one."""
+    return {BROKEN_IMAGE: "failed", STUCK_IMAGE: "stuck"}.get(image_of(isvc), "ready")
 
 
 @pytest.fixture()
-def controller(kube_api: KubeApi) -> Iterator[FakeController]:
-    with FakeController(kube_api, NAME, NAMESPACE, kserve_outcome) as fake:
+def controller(kube_api: KubeApi) -> Iterator[FakeKServe]:
+    with FakeKServe(kube_api, NAME, NAMESPACE, kserve_outcome) as fake:
         yield fake
 
 
@@ -96,8 +94,7 @@ class Rollouts:
 
     def record(self) -> dict[str, Any] | None:
         """The production record, or None."""
-        uri = production_record_uri(self.bucket, NAME)
-        return self.store.get_json(uri) if self.store.exists(uri) else None
+        return read_production_record(self.store, self.bucket, NAME)
 
     def stored(self) -> dict[str, Any]:
         """The InferenceService as the API server stores it."""
@@ -123,22 +120,23 @@ def test_version_is_utc_time_and_data_fingerprint(tmp_path: Path) -> None:
 
 
 # -- rollouts that become Ready ----------------------------------------------------------------
-def test_promote_creates_then_patches_and_records_only_after_ready(
-    rollouts: Rollouts, controller: FakeController
+def test_promote_creates_then_patches_and_records_only_once_the_model_serves(
+    rollouts: Rollouts, controller: FakeKServe
 ) -> None:
     records_during_rollout: list[dict[str, Any] | None] = []
 
-    def outcome(isvc: dict[str, Any]) -> dict[str, Any] | None:
+    def outcome(isvc: dict[str, Any]) -> str:
         records_during_rollout.append(rollouts.record())
         return kserve_outcome(isvc)
 
     controller.outcome = outcome
     first = rollouts.promote(1, accuracy=0.91, data_fingerprint=FINGERPRINT)
-    assert first.isvc_action == "created" and first.ready_detail == "Ready=True"
+    assert first.isvc_action == "created" and "answers with version" in first.ready_detail
     assert first.version.endswith("-0123abcd")
     assert first.storage_uri == f"s3://{rollouts.bucket}/{NAME}/{first.version}"
     keys = set(rollouts.store.list_keys(S3Uri(rollouts.bucket, f"{NAME}/{first.version}")))
-    assert {k.rsplit("/", 1)[1] for k in keys} == {"model.pt", "model.json"}
+    assert {k.rsplit("/", 1)[1] for k in keys} == {"model.pt", "model.json", "checksums.json"}
+    assert not any(".staging" in k for k in rollouts.store.list_keys(S3Uri(rollouts.bucket)))
     meta = rollouts.store.get_json(S3Uri(rollouts.bucket, f"{NAME}/{first.version}/model.json"))
     assert meta["metadata"]["version"] == first.version
 
@@ -152,32 +150,35 @@ def test_promote_creates_then_patches_and_records_only_after_ready(
     assert saved["version"] == second.version and saved["accuracy"] == 0.95
     assert saved["previous_version"] == first.version and saved["canary_traffic_percent"] is None
     assert "kind: InferenceService" in second.isvc_yaml
+    assert controller.predictor.serving == {second.version: 1.0}  # the record names what serves
     # while each rollout was in progress the record still named the version before it
     assert [r and r["version"] for r in records_during_rollout] == [None, first.version]
 
 
-def test_a_controller_that_goes_straight_to_ready_is_seen(rollouts: Rollouts) -> None:
-    """No Ready=Unknown in between: the new lastTransitionTime tells it from the old status."""
-    with FakeController(rollouts.kube_api, NAME, NAMESPACE, kserve_outcome, show_progress=False):
-        rollouts.promote(1)
-        second = rollouts.promote(2)
-    assert rollouts.record()["version"] == second.version
-
-
-def test_canary_percent_is_rolled_out_then_cleared(
-    rollouts: Rollouts, controller: FakeController
+def test_a_serverless_canary_is_recorded_with_its_share(
+    rollouts: Rollouts, kube_api: KubeApi
 ) -> None:
-    first = rollouts.promote(1)
-    canary = rollouts.promote(2, spec(canary=20))
-    predictor = rollouts.stored()["spec"]["predictor"]
-    assert predictor["canaryTrafficPercent"] == 20
-    saved = rollouts.record()
-    assert (saved["version"], saved["canary_traffic_percent"]) == (canary.version, 20)
-    assert saved["previous_version"] == first.version  # still serving the other 80 %
-
-    full = rollouts.promote(3)
-    assert "canaryTrafficPercent" not in rollouts.stored()["spec"]["predictor"]
+    with FakeKServe(kube_api, NAME, NAMESPACE, kserve_outcome, mode="Serverless") as kserve:
+        first = rollouts.promote(1)
+        canary = rollouts.promote(2, spec(canary=20))
+        saved = rollouts.record()
+        assert (saved["version"], saved["canary_traffic_percent"]) == (canary.version, 20)
+        assert saved["previous_version"] == first.version  # still serving the other 80 %
+        assert kserve.predictor.serving == {canary.version: 0.2, first.version: 0.8}
+        full = rollouts.promote(3)
     assert rollouts.record()["version"] == full.version
+    assert "canaryTrafficPercent" not in rollouts.stored()["spec"]["predictor"]
+
+
+def test_a_canary_in_raw_mode_is_recorded_as_what_it_is_all_traffic(
+    rollouts: Rollouts, controller: FakeKServe
+) -> None:
+    rollouts.promote(1)
+    canary = rollouts.promote(2, spec(canary=20))
+    assert rollouts.stored()["spec"]["predictor"]["canaryTrafficPercent"] == 20
+    saved = rollouts.record()
+    assert (saved["version"], saved["canary_traffic_percent"]) == (canary.version, None)
+    assert controller.predictor.serving == {canary.version: 1.0}
 
 
 # -- rollouts that do not ----------------------------------------------------------------------
@@ -194,11 +195,11 @@ def second_rollout_fails(
 
 
 def test_failed_revision_rolls_back_fast_and_keeps_the_record(
-    rollouts: Rollouts, controller: FakeController
+    rollouts: Rollouts, controller: FakeKServe
 ) -> None:
     isvc = spec(image=BROKEN_IMAGE, canary=30)
     first, before, message = second_rollout_fails(rollouts, isvc, timeout_s=600.0)
-    assert "failed to roll out: Ready=False (RevisionFailed): Unable to fetch image" in message
+    assert "failed to roll out: Ready=False (ProgressDeadlineExceeded)" in message
     assert f"Rolled back: the previous spec (storage URI {first.storage_uri}) is restored" in (
         message
     )
@@ -213,24 +214,24 @@ def test_failed_revision_rolls_back_fast_and_keeps_the_record(
 
 
 def test_stale_ready_is_not_trusted_and_the_timeout_rolls_back(
-    rollouts: Rollouts, controller: FakeController
+    rollouts: Rollouts, controller: FakeKServe
 ) -> None:
     """After the patch the status still says Ready=True for the old spec: that is no success."""
     first, before, message = second_rollout_fails(rollouts, spec(image=STUCK_IMAGE), 0.5)
-    assert "did not become Ready within 0.5s" in message
-    assert "no status for the new spec yet (still Ready=True)" in message
+    assert "did not serve the new model within 0.5s" in message
+    assert f"still answers with version {first.version}" in message
     assert "Rolled back" in message
     assert rollouts.stored()["spec"] == before
     assert rollouts.record()["version"] == first.version
 
 
 def test_first_rollout_that_fails_leaves_no_record(
-    rollouts: Rollouts, controller: FakeController
+    rollouts: Rollouts, controller: FakeKServe
 ) -> None:
     with pytest.raises(RolloutError) as info:
         rollouts.promote(1, spec(image=BROKEN_IMAGE))
     message = str(info.value)
-    assert "RevisionFailed" in message and "left in place for inspection" in message
+    assert "ProgressDeadlineExceeded" in message and "left in place for inspection" in message
     assert "still names no version (none was promoted before)" in message
     assert image_of(rollouts.stored()) == BROKEN_IMAGE
     assert rollouts.record() is None
@@ -260,3 +261,97 @@ def test_unreachable_cluster_leaves_production_record_untouched(
             save_model(tmp_path / "m", 4), "m", bucket, spec(), store, client.ApiClient(config)
         )
     assert not store.exists(production_record_uri(bucket, "m"))
+
+
+def test_a_retried_promote_does_not_roll_the_same_bad_model_out_again(
+    rollouts: Rollouts, controller: FakeKServe
+) -> None:
+    rollouts.promote(1)
+    with pytest.raises(RolloutError):
+        rollouts.promote(2, spec(image=BROKEN_IMAGE))
+    specs = len(controller.wait_for_specs(3))
+    with pytest.raises(RolloutError, match="failed to roll out before.*not rolled out again"):
+        rollouts.promote(2, spec(image=BROKEN_IMAGE))  # the task's retry: same weights
+    assert len(controller.specs_seen) == specs  # the InferenceService was not touched
+    digest = hashlib.sha256((rollouts.folder / "m2" / "model.pt").read_bytes()).hexdigest()
+    assert rollouts.store.exists(rejected_uri(rollouts.bucket, NAME, digest))
+
+
+def test_two_promotions_at_once_leave_a_record_of_what_serves(
+    rollouts: Rollouts, controller: FakeKServe
+) -> None:
+    rollouts.promote(1)
+    results: dict[int, Any] = {}
+
+    def promote(seed: int) -> None:
+        try:
+            results[seed] = rollouts.promote(seed)
+        except (RolloutError, StorageError) as err:
+            results[seed] = err
+
+    threads = [threading.Thread(target=promote, args=(seed,)) for seed in (2, 3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert any(isinstance(r, Promotion) for r in results.values()), results
+    for outcome in results.values():
+        assert isinstance(outcome, Promotion | ConcurrentRollout), outcome
+    record, live = rollouts.record(), rollouts.stored()
+    assert record["storage_uri"] == storage_uri_of(live)  # production names what is served
+    assert controller.predictor.serving == {version_of(live): 1.0}
+
+
+def test_a_corrupt_production_record_stops_the_promotion_naming_it(
+    rollouts: Rollouts, controller: FakeKServe
+) -> None:
+    rollouts.promote(1)
+    uri = production_record_uri(rollouts.bucket, NAME)
+    for broken in (b"", b"{not json", b"[1, 2]", b'{"version": "v1"}'):
+        rollouts.store.put_bytes(broken, uri)
+        with pytest.raises(RecordError, match=f"{uri} is not a production record"):
+            rollouts.promote(2)
+
+
+def test_killing_object_storage_mid_upload_commits_no_partial_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The S3 server dies after the first file of a version: nothing is committed, the record
+    still names the old version, and a loader refuses the half-written folder."""
+    import secrets
+
+    from brainmri.local_s3 import LocalS3Server
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", f"k{secrets.token_hex(4)}")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secrets.token_hex(16))
+    server = LocalS3Server(tmp_path / "s3").start()
+    monkeypatch.setenv("S3_ENDPOINT", server.endpoint)
+    store = ObjectStore(timeout_s=2.0, retry_s=1.0)
+    first = promote_model(save_model(tmp_path / "m1", 1), "m", "models", spec(), store, None)
+    uploads = []
+    real_upload = ObjectStore.upload_file
+
+    def upload_then_die(self: ObjectStore, path: Path, uri: S3Uri) -> None:
+        real_upload(self, path, uri)
+        uploads.append(uri)
+        if len(uploads) == 1:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+    monkeypatch.setattr(ObjectStore, "upload_file", upload_then_die)
+    with pytest.raises(StorageError, match="cannot reach object storage"):
+        promote_model(save_model(tmp_path / "m2", 2), "m", "models", spec(), store, None)
+    monkeypatch.setattr(ObjectStore, "upload_file", real_upload)
+    restarted = LocalS3Server(tmp_path / "s3", s3_port=int(server.endpoint.rsplit(":", 1)[1]))
+    restarted.ports = server.ports
+    with restarted:
+        record = ObjectStore().get_json(production_record_uri("models", "m"))
+        assert record["version"] == first.version  # production unchanged
+        versions = {k.split("/")[1] for k in ObjectStore().list_keys(S3Uri("models", "m"))}
+        committed = {
+            v for v in versions if ObjectStore().exists(S3Uri("models", f"m/{v}/checksums.json"))
+        }
+        assert committed == {first.version}
+        partial = S3Uri("models", uploads[0].key.rsplit("/", 1)[0])
+        with pytest.raises((BundleError, StorageError)):
+            load_bundle(str(partial))

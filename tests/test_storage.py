@@ -70,7 +70,7 @@ def test_unreachable_server_is_a_clear_error() -> None:
     from brainmri.local_s3 import free_ports
 
     endpoint = f"127.0.0.1:{free_ports(1)[0]}"
-    store = ObjectStore(S3Settings(endpoint, "key", "secret"), timeout_s=2)
+    store = ObjectStore(S3Settings(endpoint, "key", "secret"), timeout_s=2, retry_s=0.5)
     with pytest.raises(StorageError, match="cannot reach object storage"):
         store.bucket_exists("data")
 

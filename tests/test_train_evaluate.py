@@ -10,6 +10,7 @@ from brainmri.images import PreprocessConfig
 from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri
 from components import train as train_module
+from components.checkpoint import CorruptCheckpointWarning
 from components.config import AugmentConfig, TrainConfig
 from components.evaluate import evaluate_model
 from components.report import render_report
@@ -150,6 +151,40 @@ def test_a_checkpoint_of_another_configuration_is_not_resumed(
     other = TrainConfig(epochs=1, learning_rate=0.001, **TINY)
     result = fit(prepared, tmp_path / "b", other, checkpoint_uri=folder)
     assert result.resumed_from_epoch is None
+
+
+def test_a_nan_loss_stops_the_run_before_anything_is_saved(
+    prepared: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real, epochs = train_module.train_one_epoch, []
+
+    def diverge_in_epoch_2(*args: object, **kwargs: object) -> tuple[int, int, float]:
+        seen, correct, loss_sum = real(*args, **kwargs)
+        epochs.append(1)
+        return seen, correct, float("nan") if len(epochs) == 2 else loss_sum
+
+    monkeypatch.setattr(train_module, "train_one_epoch", diverge_in_epoch_2)
+    folder = tmp_path / "ckpt"
+    with pytest.raises(
+        train_module.DivergedError, match="train_loss = nan in epoch 2.*Lower learning_rate"
+    ):
+        fit(prepared, tmp_path / "m", TrainConfig(epochs=3, **TINY), checkpoint_uri=str(folder))
+    assert not (tmp_path / "m").exists()  # no bundle
+    saved = torch.load(folder / "last.pt", weights_only=True)
+    assert saved["epoch"] == 1  # the diverged epoch was never checkpointed
+
+
+@pytest.mark.parametrize("garbage", [b"not a checkpoint", b"PK\x03\x04truncated"])
+def test_a_corrupt_checkpoint_restarts_training_with_a_warning(
+    prepared: tuple[Path, Path], tmp_path: Path, garbage: bytes
+) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "last.pt").write_bytes(garbage)
+    with pytest.warns(CorruptCheckpointWarning, match="starts from scratch"):
+        result = fit(prepared, tmp_path / "m", TrainConfig(epochs=1, **TINY), None, str(folder))
+    assert result.resumed_from_epoch is None and len(result.history) == 1
+    assert torch.load(folder / "last.pt", weights_only=True)["finished"]  # overwritten
 
 
 def test_early_stopping_on_validation(

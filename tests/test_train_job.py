@@ -208,3 +208,44 @@ def test_shipped_job_manifest_is_what_the_step_creates() -> None:
     assert SHIPPED_JOB.read_text() == example_manifest(), (
         "manifests/training/pytorchjob.yaml is stale: run `make compile`"
     )
+
+
+def test_a_retried_task_adopts_its_running_job_and_replaces_a_failed_one(
+    kube_api: KubeApi,
+) -> None:
+    register_pytorchjobs(kube_api)
+    manifest = render_pytorch_job(job_spec(name="train-retry"))
+    api_client = kube_api.api_client()
+    PYTORCH_JOBS.create(api_client, manifest)  # the first attempt's job, still running
+    thread = act_as_operator(kube_api, "train-retry", lambda m: ("Succeeded", "done"))
+    assert run_pytorch_job(manifest, api_client, 30, 0.05) == "done"  # adopted, no 409
+    thread.join(10)
+
+    failed = render_pytorch_job(job_spec(name="train-failed"))
+    PYTORCH_JOBS.create(api_client, failed)
+    status = {"conditions": [{"type": "Failed", "status": "True", "message": "OOMKilled"}]}
+    kube_api.call(
+        lambda: kube_api.emulator.objects[RESOURCE, NAMESPACE, "train-failed"].patch(
+            {"status": status}
+        )
+    )
+    thread = act_as_operator(kube_api, "train-failed-r2", lambda m: ("Succeeded", "second"))
+    assert run_pytorch_job(failed, api_client, 30, 0.05) == "second"  # a fresh job, -r2
+    thread.join(10)
+
+
+def test_polling_survives_a_transient_api_error(kube_api: KubeApi) -> None:
+    register_pytorchjobs(kube_api)
+    manifest = render_pytorch_job(job_spec(name="train-flaky"))
+    error = kmock.KubernetesError(status=503, reason="ServiceUnavailable", message="etcd")
+    failed: list[int] = []
+
+    def first_two(_request: object) -> bool:  # the first two reads of the job fail
+        failed.append(1)
+        return len(failed) <= 2
+
+    kube_api.call(lambda: kube_api.emulator[kmock.action.FETCH][first_two] << error)
+    thread = act_as_operator(kube_api, "train-flaky", lambda m: ("Succeeded", "ok"))
+    assert run_pytorch_job(manifest, kube_api.api_client(), 30, 0.05) == "ok"
+    thread.join(10)
+    assert len(failed) >= 2
