@@ -6,12 +6,17 @@ import io
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
 IMAGE_MODE = "RGB"  # one mode for every image, whatever the file held (L, RGB, RGBA, P)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
+
+
+# greyscale modes wider than 8 bits (16-bit PNG/TIFF, as MRI exports write them, and 32-bit)
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
 
 
 class ImageDecodeError(ValueError):
@@ -27,6 +32,8 @@ def decode_image(source: bytes | Path | str) -> Image.Image:
             raise ImageDecodeError(f"{name}: empty file (0 bytes)")
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # forces a full decode: truncated files fail here, not later
+            if img.mode in WIDE_MODES:
+                return to_8_bits(img).convert(IMAGE_MODE)
             if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (0, 0, 0, 255))
@@ -40,6 +47,21 @@ def decode_image(source: bytes | Path | str) -> Image.Image:
         raise ImageDecodeError(f"{name}: image too large to decode safely ({err})") from err
     except (OSError, SyntaxError, ValueError) as err:
         raise ImageDecodeError(f"{name}: not a readable image ({err})") from err
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """A wide greyscale image stretched linearly from its own darkest to brightest pixel onto
+    0..255 (PIL's own conversion clips at 255, which turns a 16-bit slice almost all white);
+    a constant image becomes black."""
+    pixels = np.asarray(image, dtype=np.float64)
+    finite = pixels[np.isfinite(pixels)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if high <= low:
+        scaled = np.zeros(pixels.shape, dtype=np.uint8)
+    else:
+        stretched = (np.nan_to_num(pixels, nan=low) - low) * (255.0 / (high - low))
+        scaled = np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
+    return Image.fromarray(scaled)  # uint8, 2-D: mode L
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import urllib3
@@ -347,29 +347,29 @@ def local_path(location: str | Path) -> Path:
     return Path(text)
 
 
-def _hidden(parts: tuple[str, ...]) -> bool:
+def is_hidden(parts: tuple[str, ...]) -> bool:
+    """Whether a path below a location is hidden (a ``.name`` file, or inside a ``.folder``)."""
     return any(part.startswith(".") for part in parts)
 
 
 def list_files(location: str, store: ObjectStore | None = None) -> list[StoredFile]:
-    """Every file below a local folder or ``s3://bucket/prefix``, sorted; hidden files and
-    folders (``.name``) are left out. A missing folder is :class:`FileNotFoundError`."""
+    """Every file below a local folder or ``s3://bucket/prefix``, sorted, hidden ones
+    (:func:`is_hidden`) included. A missing folder is :class:`FileNotFoundError`."""
     if is_s3_uri(location):
         store = store or ObjectStore()
         uri = S3Uri.parse(location)
         base = f"{uri.key}/" if uri.key else ""
         files = []
         for key in sorted(store.list_keys(uri)):
-            parts = PurePosixPath(key[len(base) :]).parts
+            parts = tuple(key[len(base) :].split("/"))  # as stored: '..' and '' stay visible
             obj = S3Uri(uri.bucket, key)
             files.append(StoredFile(parts, str(obj), lambda o=obj: store.get_bytes(o)))
-        return [f for f in files if not _hidden(f.parts)]
+        return files
     root = local_path(location)
     if not root.is_dir():
         raise FileNotFoundError(f"{root} does not exist or is not a folder")
     paths = sorted(p for p in root.rglob("*") if p.is_file())
-    files = [StoredFile(p.relative_to(root).parts, str(p), p.read_bytes) for p in paths]
-    return [f for f in files if not _hidden(f.parts)]
+    return [StoredFile(p.relative_to(root).parts, str(p), p.read_bytes) for p in paths]
 
 
 def location_exists(location: str | Path, store: ObjectStore | None = None) -> bool:

@@ -96,6 +96,14 @@ def near_duplicate_section(summary: dict, dataset_dir: Path) -> list[str]:
     return parts
 
 
+def _quarantine_categories(report: IngestReport) -> list[str]:
+    """The quarantine counted by why (unreadable, too small, outside or beside the classes)."""
+    if not report.quarantined:
+        return []
+    categories = pd.Series([q["category"] for q in report.quarantined]).value_counts()
+    return [_table(pd.DataFrame({"why": categories.index, "files": categories.values}))]
+
+
 def render_data_report(
     report: IngestReport, manifest: pd.DataFrame, dataset_dir: Path, source: str
 ) -> str:
@@ -118,7 +126,9 @@ def render_data_report(
         _table(pd.DataFrame({"mode": modes.index, "images": modes.values})),
         f"## Duplicates collapsed: {len(report.duplicates)}",
         f"## Label conflicts excluded: {len(report.label_conflicts)}",
-        f"## Quarantined (unreadable): {len(report.quarantined)}",
+        f"## Quarantined: {len(report.quarantined)}",
+        *_quarantine_categories(report),
+        f"## Hidden files left out: {len(report.hidden_files)}",
         *near_duplicate_section(report.near_duplicates, dataset_dir),
     ]
     if report.external_counts:
@@ -136,7 +146,8 @@ def render_data_report(
         )
     for title, rows, columns in (
         ("Label conflicts", report.label_conflicts, ["source", "labels"]),
-        ("Quarantine", report.quarantined, ["source", "reason"]),
+        ("Quarantine", report.quarantined, ["source", "category", "reason"]),
+        ("Hidden files", [{"source": h} for h in report.hidden_files], ["source"]),
     ):
         if rows:
             parts.append(f"### {title} (first 20)\n" + _table(pd.DataFrame(rows)[columns].head(20)))

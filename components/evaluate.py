@@ -347,14 +347,14 @@ def read_folder(
     """Decode a class-per-folder tree (a folder or ``s3://`` prefix; folder aliases as in
     ingest); unreadable files and files outside the class folders are skipped and listed."""
     index = {name: i for i, name in enumerate(class_names)}
-    files = list_labelled_files(str(location))
+    files = list_labelled_files(str(location), strict=True)
     foreign = sorted({f.label for f in files if f.label is not None and f.label not in index})
     if foreign:
         raise ValueError(f"class folder(s) {foreign} are not among {list(class_names)}")
 
     def decode(file: LabelledFile) -> torch.Tensor | str:
         if file.label is None:
-            return "not inside a class folder"
+            return file.reason
         try:
             return resize(decode_image(file.read()))
         except ImageDecodeError as err:

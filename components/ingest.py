@@ -51,6 +51,11 @@ QUARANTINE_FILE = "quarantine.csv"
 DUPLICATES_FILE = "duplicates.csv"
 CONFLICTS_FILE = "label_conflicts.csv"
 REPORT_FILE = "ingest_report.json"
+# the shorter side below which an image cannot be an MRI slice (the public slices are >= 150 px;
+# a 1x1 or icon-sized PNG is a mistake, not training data)
+MIN_IMAGE_SIDE = 32
+UNREADABLE, TOO_SMALL = "unreadable", "too_small"  # quarantine categories besides the layout's
+BAD_DATA = (UNREADABLE, TOO_SMALL)  # what max_quarantine_fraction counts
 SAMPLE_PAIRS = 6  # near-duplicate pairs shown per threshold in the data report
 GROUP_SIZE_BINS = [(2, 2), (3, 5), (6, 10), (11, 50), (51, None)]
 
@@ -62,31 +67,42 @@ class IngestReport:
     class_counts: dict[str, int]
     fingerprint: str
     files_seen: int = 0
-    quarantined: list[dict[str, str]] = field(default_factory=list)
+    quarantined: list[dict[str, str]] = field(default_factory=list)  # with its category
     duplicates: list[dict[str, str]] = field(default_factory=list)
     label_conflicts: list[dict[str, str]] = field(default_factory=list)
     external_counts: dict[str, int] = field(default_factory=dict)
     near_duplicates: dict[str, Any] = field(default_factory=dict)  # see near_duplicate_summary
+    hidden_files: list[str] = field(default_factory=list)  # left out, listed here
 
     @property
     def total(self) -> int:
         return sum(self.class_counts.values())
 
 
-def _process(item: LabelledFile, out_dir: Path, dataset_set: str) -> dict:
+def _process(item: LabelledFile, out_dir: Path, dataset_set: str, min_side: int) -> dict:
     """Decode one file and store it under images/ or quarantine/; returns its record (with the
-    image's near-duplicate fingerprint when it is readable)."""
+    image's near-duplicate fingerprint when it is readable, its category and reason when not)."""
     data = item.read()
     record = {"label": item.label, "source": item.source, "set": dataset_set}
     try:
-        if item.label is None:
-            raise ImageDecodeError("not inside a class folder; move it into <class>/")
+        if item.problem is not None:
+            raise _Quarantined(item.problem, item.reason)
         image = decode_image(data)
         with Image.open(io.BytesIO(data)) as header:
             mode = header.mode
+        if min(image.size) < min_side:
+            raise _Quarantined(
+                TOO_SMALL,
+                f"{image.width}x{image.height} px is too small to be a slice (at least "
+                f"{min_side} px a side)",
+            )
     except ImageDecodeError as err:
         dest = Path("quarantine") / dataset_set / item.relpath
-        record.update(path=dest.as_posix(), reason=str(err).removeprefix("payload: "))
+        reason = str(err).removeprefix("payload: ")
+        record.update(path=dest.as_posix(), category=UNREADABLE, reason=reason)
+    except _Quarantined as why:
+        dest = Path("quarantine") / dataset_set / item.relpath
+        record.update(path=dest.as_posix(), category=why.category, reason=why.reason)
     else:
         dest = Path("images") / dataset_set / item.relpath
         digest = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
@@ -101,6 +117,12 @@ def _process(item: LabelledFile, out_dir: Path, dataset_set: str) -> dict:
     (out_dir / dest).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / dest).write_bytes(data)
     return record
+
+
+class _Quarantined(Exception):  # noqa: N818 - a verdict, raised to leave the decode path
+    def __init__(self, category: str, reason: str) -> None:
+        super().__init__(reason)
+        self.category, self.reason = category, reason
 
 
 def _move(out_dir: Path, rel: str, subfolder: str) -> str:
@@ -236,11 +258,16 @@ def content_fingerprint(manifest: pd.DataFrame) -> str:
 
 
 def _ingest_set(
-    files: list[LabelledFile], out_dir: Path, dataset_set: str, workers: int, progress: bool
+    files: list[LabelledFile],
+    out_dir: Path,
+    dataset_set: str,
+    workers: int,
+    progress: bool,
+    min_side: int,
 ) -> Iterator[dict]:
     with ThreadPoolExecutor(max_workers=workers) as pool:
         yield from tqdm(
-            pool.map(lambda f: _process(f, out_dir, dataset_set), files),
+            pool.map(lambda f: _process(f, out_dir, dataset_set, min_side), files),
             total=len(files),
             desc=f"ingest {dataset_set}",
             unit="img",
@@ -256,6 +283,8 @@ def ingest_dataset(
     external_test_source: str = "",
     max_quarantine_fraction: float = 0.05,
     thresholds: NearDuplicateThresholds | None = None,
+    strict_class_folders: bool = False,
+    min_image_side: int = MIN_IMAGE_SIDE,
     workers: int | None = None,
     progress: bool = True,
 ) -> IngestReport:
@@ -263,21 +292,30 @@ def ingest_dataset(
 
     Writes ``manifest.csv`` (path, label, width, height, mode, content_hash, group, source,
     set), the quarantine, duplicate and label-conflict lists, the near-duplicate pairs between
-    the kept images, and ``ingest_report.json``.
+    the kept images, and ``ingest_report.json``. Quarantined: unreadable files, images under
+    ``min_image_side`` px, files outside the class folders and, unless
+    ``strict_class_folders`` makes them an error, files in folders that are not a class.
+    Hidden files are listed in the report.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     thresholds = thresholds or NearDuplicateThresholds()
     workers = workers or min(8, 2 * cpu_budget())  # decoding waits on I/O too
     sources = {PRIMARY: source, EXTERNAL: external_test_source}
-    records = []
+    records: list[dict] = []
+    hidden: list[str] = []
     for dataset_set, location in sources.items():
         if location:
-            files = list_labelled_files(location, store)
-            records += list(_ingest_set(files, out_dir, dataset_set, workers, progress))
-    frame = pd.DataFrame(records, columns=[*MANIFEST_COLUMNS, "fingerprint", "reason"])
+            files = list_labelled_files(location, store, strict=strict_class_folders)
+            hidden += [f.source for f in files if f.is_hidden]
+            files = [f for f in files if not f.is_hidden]
+            records += list(
+                _ingest_set(files, out_dir, dataset_set, workers, progress, min_image_side)
+            )
+    frame = pd.DataFrame(records, columns=[*MANIFEST_COLUMNS, "fingerprint", "category", "reason"])
     bad = frame[frame["reason"].notna()]
-    quarantined = bad[["path", "label", "source", "reason"]].fillna("").to_dict("records")
+    columns = ["path", "label", "source", "category", "reason"]
+    quarantined = bad[columns].fillna("").to_dict("records")
     images, pairs = _near_duplicate_keys(frame.drop(bad.index), thresholds)
     kept, duplicates, conflicts = deduplicate(images, out_dir, key="image")
     near = _kept_pairs(images, pairs, kept)
@@ -296,6 +334,7 @@ def ingest_dataset(
         conflicts,
         counts(EXTERNAL) if external_test_source else {},
         near_duplicate_summary(manifest, duplicates, conflicts, near, thresholds),
+        hidden,
     )
     for name, rows in (
         (QUARANTINE_FILE, quarantined),
@@ -312,12 +351,13 @@ def ingest_dataset(
 
 def _check(report: IngestReport, source: str, out_dir: Path, max_fraction: float) -> None:
     """Fail, naming what to fix, when the data cannot train a trustworthy model."""
-    fraction = len(report.quarantined) / max(report.files_seen, 1)
+    bad = [q for q in report.quarantined if q["category"] in BAD_DATA]
+    fraction = len(bad) / max(report.files_seen, 1)
     if fraction > max_fraction:
-        examples = "; ".join(f"{q['source']}: {q['reason']}" for q in report.quarantined[:3])
+        examples = "; ".join(f"{q['source']}: {q['reason']}" for q in bad[:3])
         raise DatasetError(
-            f"{len(report.quarantined)} of {report.files_seen} files ({fraction:.1%}) are "
-            f"unreadable, above the allowed {max_fraction:.1%} (max_quarantine_fraction); "
+            f"{len(bad)} of {report.files_seen} files ({fraction:.1%}) are unreadable or too "
+            f"small, above the allowed {max_fraction:.1%} (max_quarantine_fraction); "
             f"see {out_dir / QUARANTINE_FILE}. First: {examples}"
         )
     empty = [c for c, n in report.class_counts.items() if n == 0]

@@ -33,6 +33,7 @@ def ingest(
     model_name: str = "brain-mri-classifier",
     skip_if_unchanged: bool = False,
     max_quarantine_fraction: float = 0.05,
+    strict_class_folders: bool = False,
 ) -> bool:
     """Validate and deduplicate the source images, group near-duplicates, report them; True when
     training should go on. The thresholds: NearDuplicateThresholds (grey levels at 64 px).
@@ -57,6 +58,7 @@ def ingest(
         external_test_source=external_test_source,
         max_quarantine_fraction=max_quarantine_fraction,
         thresholds=NearDuplicateThresholds(copy_threshold, neighbour_threshold),
+        strict_class_folders=strict_class_folders,
     )
     manifest = read_manifest(Path(dataset.path) / MANIFEST_FILE)
     Path(data_report.path).write_text(
@@ -71,6 +73,7 @@ def ingest(
             "class_counts": report.class_counts,
             "fingerprint": report.fingerprint,
             "quarantined": len(report.quarantined),
+            "hidden_files": len(report.hidden_files),
             "duplicates": len(report.duplicates),
             "label_conflicts": len(report.label_conflicts),
             "near_duplicate_groups": report.near_duplicates["groups"],

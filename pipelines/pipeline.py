@@ -41,7 +41,8 @@ Args:
     source: the class-per-folder tree of slices to train on: a folder or s3://bucket/prefix.
     external_test_source: optional second tree, scored but never trained on.
     skip_if_unchanged: stop after ingest when production was trained on this very data.
-    max_quarantine_fraction: fail when more than this share of the files is unreadable.
+    max_quarantine_fraction: fail when more than this share of the files is unreadable or too small to be a slice.
+    strict_class_folders: fail on a folder that is not a class (default: quarantine its files and report them).
     copy_threshold: two images this near (mean absolute difference of 64 px greyscale thumbnails, grey levels of 255, mirror-aware) are copies of one image: one is kept per class, under two labels both are excluded.
     neighbour_threshold: images this near are neighbours (adjacent slices); joined images form a group that the split keeps on one side.
     threshold: test accuracy a model must reach before it may be promoted.
@@ -75,6 +76,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
         external_test_source: str = "",
         skip_if_unchanged: bool = False,
         max_quarantine_fraction: float = 0.05,
+        strict_class_folders: bool = False,
         copy_threshold: float = NearDuplicateThresholds().copy,
         neighbour_threshold: float = NearDuplicateThresholds().neighbour,
         threshold: float = 0.9,
@@ -101,6 +103,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
             model_name=model_name,
             skip_if_unchanged=skip_if_unchanged,
             max_quarantine_fraction=max_quarantine_fraction,
+            strict_class_folders=strict_class_folders,
             copy_threshold=copy_threshold,
             neighbour_threshold=neighbour_threshold,
         )

@@ -95,16 +95,16 @@ def test_bad_files_are_quarantined_not_dropped(demo_dir: Path, tmp_path: Path) -
 
 def test_modes_are_converted_and_recorded(demo_dir: Path, tmp_path: Path) -> None:
     src = copy_tree(demo_dir, tmp_path / "src")
-    (src / "glioma" / "rgba.png").write_bytes(encoded(Image.new("RGBA", (30, 20), (9, 9, 9, 99))))
-    (src / "glioma" / "palette.png").write_bytes(encoded(Image.new("P", (30, 20), 7)))
+    (src / "glioma" / "rgba.png").write_bytes(encoded(Image.new("RGBA", (40, 36), (9, 9, 9, 99))))
+    (src / "glioma" / "palette.png").write_bytes(encoded(Image.new("P", (40, 36), 7)))
     (src / "glioma" / "rgb.jpg").write_bytes(
-        encoded(Image.new("RGB", (30, 20), (1, 50, 3)), "JPEG")
+        encoded(Image.new("RGB", (40, 36), (1, 50, 3)), "JPEG")
     )
     ingest(src, tmp_path / "out")
     manifest = read_manifest(tmp_path / "out" / MANIFEST_FILE).set_index("source")
     assert manifest.loc[str(src / "glioma" / "rgba.png"), "mode"] == "RGBA"
     assert manifest.loc[str(src / "glioma" / "palette.png"), "mode"] == "P"
-    assert manifest.loc[str(src / "glioma" / "rgb.jpg"), "width"] == 30
+    assert manifest.loc[str(src / "glioma" / "rgb.jpg"), "width"] == 40
 
 
 def test_duplicates_collapse_and_label_conflicts_are_excluded(
@@ -150,16 +150,91 @@ def test_too_many_unreadable_files_fail_the_run(demo_dir: Path, tmp_path: Path) 
         ingest(src, tmp_path / "out", max_quarantine_fraction=0.1)
 
 
-def test_class_aliases_and_unknown_folders(demo_dir: Path, tmp_path: Path) -> None:
+def test_class_aliases_and_a_stray_folder(demo_dir: Path, tmp_path: Path) -> None:
+    """A folder that is not a class is quarantined and reported (a scheduled run goes on),
+    and an error only with ``strict_class_folders``."""
     assert canonical_label("glioma_tumor") == "glioma"
     assert canonical_label("No Tumor") == "notumor"
     src = copy_tree(demo_dir, tmp_path / "src")
     (src / "glioma").rename(src / "glioma_tumor")
     assert ingest(src, tmp_path / "out").class_counts["glioma"] == 12
     (src / "astrocytoma").mkdir()
-    (src / "astrocytoma" / "x.png").write_bytes(b"")
+    (src / "astrocytoma" / "x.png").write_bytes(encoded(Image.new("L", (64, 64), 3)))
+    report = ingest(src, tmp_path / "out2")
+    [stray] = report.quarantined
+    assert (
+        stray["category"] == "stray_folder"
+        and "unknown class folder 'astrocytoma'" in (stray["reason"])
+    )
+    assert (tmp_path / "out2" / stray["path"]).is_file()  # kept, not lost
+    assert report.total == 48
     with pytest.raises(DatasetError, match="unknown class folder 'astrocytoma'"):
-        ingest(src, tmp_path / "out2")
+        ingest(src, tmp_path / "out3", strict_class_folders=True)
+
+
+def test_two_files_mapping_to_one_destination_name_both(demo_dir: Path, tmp_path: Path) -> None:
+    src = copy_tree(demo_dir, tmp_path / "src")
+    name = sorted((src / "glioma").iterdir())[0].name
+    (src / "glioma_tumor").mkdir()
+    shutil.copy(src / "glioma" / name, src / "glioma_tumor" / name)
+    with pytest.raises(DatasetError) as caught:
+        ingest(src, tmp_path / "out")
+    message = str(caught.value)
+    assert str(src / "glioma" / name) in message and str(src / "glioma_tumor" / name) in message
+
+
+def test_an_object_key_with_dot_dot_is_an_error_naming_it(
+    demo_dir: Path,
+    store: ObjectStore,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """AWS S3 stores keys such as ``glioma/../../escape.png`` as they are (the local server
+    normalises the URL, so the listing is where the key is injected)."""
+    store.upload_dir(demo_dir, S3Uri(bucket, "raw"), progress=False)
+    real = ObjectStore.list_keys
+    hostile = "raw/glioma/../../escape.png"
+    monkeypatch.setattr(ObjectStore, "list_keys", lambda self, uri: [*real(self, uri), hostile])
+    with pytest.raises(DatasetError, match=r"glioma/\.\./\.\./escape\.png: .*'\.\.' segment"):
+        ingest(f"s3://{bucket}/raw", tmp_path / "out")
+    assert not (tmp_path / "escape.png").exists()
+    assert not list((tmp_path / "out").rglob("*.png"))  # refused before anything was written
+
+
+def test_16_bit_images_are_scaled_by_their_range_not_clipped(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    import numpy as np
+
+    from brainmri.images import decode_image
+
+    ramp = np.linspace(0, 4000, 96 * 96).reshape(96, 96).astype(np.uint16)  # a 12-bit scan
+    data = encoded(Image.fromarray(ramp))
+    with Image.open(io.BytesIO(data)) as header:
+        assert header.mode == "I;16"
+        assert np.asarray(header.convert("L")).mean() > 240  # what plain PIL makes of it
+    pixels = np.asarray(decode_image(data))
+    assert pixels.min() == 0 and pixels.max() == 255 and abs(pixels.mean() - 127.5) < 2
+    src = copy_tree(demo_dir, tmp_path / "src")
+    (src / "glioma" / "scan16.png").write_bytes(data)
+    manifest = read_manifest(ingest(src, tmp_path / "out") and tmp_path / "out" / MANIFEST_FILE)
+    assert manifest.set_index("source").loc[str(src / "glioma" / "scan16.png"), "mode"] == "I;16"
+
+
+def test_tiny_images_are_quarantined_and_hidden_files_listed(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    src = copy_tree(demo_dir, tmp_path / "src")
+    (src / "glioma" / "dot.png").write_bytes(encoded(Image.new("L", (1, 1), 9)))
+    (src / "glioma" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (src / "meningioma" / ".thumbs").mkdir()
+    (src / "meningioma" / ".thumbs" / "a.png").write_bytes(encoded(Image.new("L", (64, 64))))
+    report = ingest(src, tmp_path / "out")
+    [tiny] = report.quarantined
+    assert tiny["category"] == "too_small" and "1x1 px is too small" in tiny["reason"]
+    assert sorted(Path(p).name for p in report.hidden_files) == [".DS_Store", "a.png"]
+    assert report.total == 48
 
 
 def test_empty_class_is_a_clear_error(demo_dir: Path, tmp_path: Path) -> None:
@@ -230,7 +305,7 @@ def test_data_report(demo_dir: Path, tmp_path: Path) -> None:
     report = ingest(src, tmp_path / "out", max_quarantine_fraction=0.5)
     manifest = read_manifest(tmp_path / "out" / MANIFEST_FILE)
     text = render_data_report(report, manifest, tmp_path / "out", str(src))
-    assert "| glioma | 12 |" in text and "Quarantined (unreadable): 1" in text
+    assert "| glioma | 12 |" in text and "Quarantined: 1" in text and "| unreadable | 1 |" in text
     assert "bad.jpg" in text and "data:image/jpeg;base64," in text
 
 
