@@ -16,7 +16,7 @@ GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 
 .PHONY: help venv run test test-unit lint format compile manifests clean images cluster-yaml upload \
-	bench bench-ingest bench-accuracy bench-serve
+	bench bench-ingest bench-accuracy bench-serve bench-load
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -75,13 +75,16 @@ manifests: $(STAMP) ## render the kustomize overlays with the bundled kubectl (n
 	  $(BIN)/python -c "import sys; from brainmri.kubectl import kustomize_build; print(kustomize_build(sys.argv[1]))" $$overlay; \
 	done
 
-bench: bench-ingest bench-serve bench-accuracy ## every benchmark (figures in benchmarks/results/*.json)
+bench: bench-ingest bench-accuracy bench-serve bench-load ## every benchmark (figures in benchmarks/results/*.json)
 
 bench-ingest: $(STAMP) ## ingest the real data set (../shared/data/brain-mri/Training); target well under 1 min
 	$(BIN)/python -m benchmarks.bench_ingest
 
 bench-serve: $(STAMP) ## serving benchmark: model server under load vs raw forward (writes benchmarks/results/serve.json)
 	$(BIN)/python -m benchmarks.bench_serve
+
+bench-load: $(STAMP) ## load test: 10,000 mixed valid/hostile requests at concurrency 32 on the trained model (writes benchmarks/results/load.json; needs bench-accuracy's model)
+	$(BIN)/python -m benchmarks.bench_load $(BENCH_ARGS)
 
 bench-accuracy: $(STAMP) ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 idle CPU cores (BENCH_ARGS="--smoke" for a quick check)
 	$(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ARGS)

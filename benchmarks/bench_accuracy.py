@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from benchmarks.common import (
     RESULTS_DIR,
     SHARED_TRAINING,
+    TRAINED_MODEL_DIR,
     bare_loop_throughput,
     limited_copy,
     write_json,
@@ -180,6 +182,9 @@ def train_seed(
     config = replace(args.train, seed=seed)
     out = work / f"model-seed{seed}"
     result = train_model(TrainRun(dataset, split_csv, out, config, args.augment))
+    if seed == 0 and not args.smoke:  # what the serving benchmarks serve (bench-load, ...)
+        shutil.rmtree(TRAINED_MODEL_DIR, ignore_errors=True)
+        shutil.copytree(out, TRAINED_MODEL_DIR)
     frame = pd.read_csv(split_csv)
     test = frame[frame["split"] == "test"]
     evaluation = evaluate_rows(load_bundle(out), dataset, test, f"test split, seed {seed}")

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import base64
 import http.client
-import io
 import json
 import os
 import platform
@@ -47,13 +46,11 @@ from typing import Any
 import numpy as np
 import torch
 from kserve import InferInput, InferRequest
-from PIL import Image
 
-from benchmarks.common import RESULTS_DIR, SHARED_TRAINING, write_json
+from benchmarks.common import RESULTS_DIR, load_images, write_json
 from brainmri import CLASS_NAMES
 from brainmri.cpu import cpu_budget
-from brainmri.demo_data import synthetic_slice
-from brainmri.images import IMAGE_SUFFIXES, PreprocessConfig, decode_image
+from brainmri.images import PreprocessConfig, decode_image
 from brainmri.model import ModelBundle, build_model
 from serving.process import ServerProcess, serve_in_subprocess
 
@@ -90,22 +87,6 @@ class Setting:
 
 
 # -- inputs ------------------------------------------------------------------------------------
-def load_images(count: int = POOL_SIZE) -> tuple[list[bytes], str]:
-    """``count`` encoded slices, spread over the classes: the real data when present."""
-    if SHARED_TRAINING.is_dir():
-        files = sorted(p for p in SHARED_TRAINING.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        step = max(1, len(files) // count)
-        return [p.read_bytes() for p in files[::step][:count]], str(SHARED_TRAINING)
-    rng = np.random.default_rng(0)
-    images = []
-    for i in range(count):
-        buffer = io.BytesIO()
-        pixels = synthetic_slice(CLASS_NAMES[i % len(CLASS_NAMES)], rng, 512)
-        Image.fromarray(pixels, mode="L").save(buffer, "JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images, "synthetic 512 px JPEG slices (brainmri.demo_data)"
-
-
 @dataclass(frozen=True)
 class Load:
     """What one setting sends: pre-serialised bodies for one endpoint."""

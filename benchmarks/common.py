@@ -3,23 +3,30 @@ and the bare torchvision training loop that throughput is compared against."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
-from brainmri.images import PreprocessConfig
+from brainmri import CLASS_NAMES
+from brainmri.demo_data import synthetic_slice
+from brainmri.images import IMAGE_SUFFIXES, PreprocessConfig
 from brainmri.model import build_model
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_TRAINING = REPO_ROOT.parent / "shared" / "data" / "brain-mri" / "Training"
 RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+# the seed-0 model of the last accuracy benchmark: what the serving benchmarks serve
+TRAINED_MODEL_DIR = REPO_ROOT / "local_outputs" / "bench" / "trained-model"
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
@@ -123,3 +130,19 @@ def bare_loop_throughput(
         "batch_size": batch_size,
         "channels_last": channels_last,
     }
+
+
+def load_images(count: int) -> tuple[list[bytes], str]:
+    """``count`` encoded slices, spread over the classes: the real data when present."""
+    if SHARED_TRAINING.is_dir():
+        files = sorted(p for p in SHARED_TRAINING.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        step = max(1, len(files) // count)
+        return [p.read_bytes() for p in files[::step][:count]], str(SHARED_TRAINING)
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(count):
+        buffer = io.BytesIO()
+        pixels = synthetic_slice(CLASS_NAMES[i % len(CLASS_NAMES)], rng, 512)
+        Image.fromarray(pixels, mode="L").save(buffer, "JPEG", quality=90)
+        images.append(buffer.getvalue())
+    return images, "synthetic 512 px JPEG slices (brainmri.demo_data)"

@@ -1,7 +1,7 @@
 """``python -m serving``: load a model bundle and serve it with the KServe model server.
 
     python -m serving --model-name brain-mri --storage-uri s3://models/brain-mri/v3 \\
-        [--http_port 8080] [--grpc_port 8081] [--max_batch_size 64] [--max_payload_bytes N]
+        [--http_port 8080] [--grpc_port 8081] [--max_batch_size 32] [--max_payload_bytes N]
     python -m serving --model_name brain-mri --model_dir /mnt/models   # KServe storage initializer
 
 Flags of this program take either spelling, ``--storage-uri`` or ``--storage_uri``, and so does
@@ -27,7 +27,7 @@ from kserve.logging import logger
 from brainmri.cpu import cpu_budget
 from brainmri.settings import SettingsError
 from brainmri.storage import StorageError
-from serving.limits import PayloadLimitMiddleware
+from serving.limits import AdmissionLimits, AdmissionMiddleware
 from serving.predictor import (
     DEFAULT_MAX_BATCH_SIZE,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -35,6 +35,15 @@ from serving.predictor import (
     REJECTED_REQUESTS,
     BrainMRIModel,
 )
+from serving.surface import (
+    REPOSITORY_FLAG,
+    RestFrontMiddleware,
+    ServingDataPlane,
+    close_model_repository,
+)
+
+DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 def _positive_int(text: str) -> int:
@@ -102,6 +111,39 @@ def build_parser() -> argparse.ArgumentParser:
         "gRPC messages are capped by --grpc_max_receive_message_length instead.",
     )
     limits.add_argument(
+        "--max_inflight_requests",
+        "--max-inflight-requests",
+        dest="max_inflight_requests",
+        type=_positive_int,
+        default=None,
+        help="Most requests with a body served at once; beyond it HTTP 429 with Retry-After "
+        "(shed, not queued). Default: the forward workers plus one.",
+    )
+    limits.add_argument(
+        "--max_inflight_bytes",
+        "--max-inflight-bytes",
+        dest="max_inflight_bytes",
+        type=_positive_int,
+        default=DEFAULT_MAX_INFLIGHT_BYTES,
+        help="Most bytes of request bodies held at once; beyond it HTTP 429 with Retry-After.",
+    )
+    limits.add_argument(
+        "--body_timeout_s",
+        "--body-timeout-s",
+        dest="body_timeout_s",
+        type=float,
+        default=DEFAULT_BODY_TIMEOUT_S,
+        help="How long a request body may take to arrive; slower ones get HTTP 408.",
+    )
+    limits.add_argument(
+        REPOSITORY_FLAG,
+        "--enable-model-repository-api",
+        dest="enable_model_repository_api",
+        action="store_true",
+        help="Open KServe's unauthenticated model load/unload API (closed by default: one "
+        "unload would take the model away). For trusted networks only.",
+    )
+    limits.add_argument(
         "--max_image_pixels",
         "--max-image-pixels",
         dest="max_image_pixels",
@@ -155,7 +197,13 @@ def forward_threads(
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.workers != 1:
+        parser.error(
+            f"--workers {args.workers}: this server's request limits and guards live in one "
+            "process; serve with --workers 1 and scale with replicas"
+        )
     if args.configure_logging:
         kserve_logging.configure_logging(args.log_config_file)
     location = args.storage_uri or args.model_dir
@@ -182,16 +230,27 @@ def main(argv: list[str] | None = None) -> int:
         torch_threads,
         model.decode_workers,
     )
-    # KServe builds its REST app around this module-level FastAPI app when the server starts.
-    # With --workers > 1 each worker process imports a fresh app without it; the model then
-    # still refuses a declared Content-Length over the limit (HTTP 400) after the body is read.
-    rejected = REJECTED_REQUESTS.labels(args.model_name, "payload_too_large")
-    model_server.app.add_middleware(
-        PayloadLimitMiddleware, max_bytes=args.max_payload_bytes, on_reject=rejected.inc
+    # KServe builds its REST app around this module-level FastAPI app when the server starts;
+    # the last middleware added runs first: admission, then the REST front, then KServe.
+    app = model_server.app
+    app.add_middleware(RestFrontMiddleware, served_version=lambda: model.model_version)
+    limits = AdmissionLimits(
+        max_payload_bytes=args.max_payload_bytes,
+        max_inflight_requests=args.max_inflight_requests or model.forward_workers + 1,
+        max_inflight_bytes=args.max_inflight_bytes,
+        body_timeout_s=args.body_timeout_s,
     )
+    rejected = REJECTED_REQUESTS.labels
+    app.add_middleware(
+        AdmissionMiddleware, limits=limits, on_reject=lambda why: rejected(model.name, why).inc()
+    )
+    logger.info("request limits: %s", limits)
     # every ModelServer option that KServe's own parser defines, as parsed
     names = inspect.signature(ModelServer).parameters
     server = ModelServer(**{name: getattr(args, name) for name in names if hasattr(args, name)})
+    server.dataplane = ServingDataPlane(model_registry=server.registered_models)
+    if not args.enable_model_repository_api:
+        close_model_repository(server, app)
     server.start([model])
     return 0
 

@@ -28,8 +28,8 @@ from brainmri.model import ModelBundle, load_bundle
 from serving import protocol
 from serving.protocol import IMAGE_KEY, LABEL_OUTPUT, PIXELS_INPUT, PROBABILITIES_OUTPUT, Limits
 
-DEFAULT_MAX_BATCH_SIZE = 64
-DEFAULT_MAX_PAYLOAD_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_PAYLOAD_BYTES = 16 * 1024 * 1024  # a full FP32 batch of 32 at 192 px is 14 MB
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
 UNKNOWN_VERSION = "unknown"
 

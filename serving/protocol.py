@@ -18,6 +18,11 @@ v2 (``POST /v2/models/<name>/infer``, REST or gRPC), exactly one input, either
 Outputs: ``label`` (BYTES ``[N]``) and ``probabilities`` (FP32 ``[N, C]``, class order in the
 output's ``class_names`` parameter); the response's ``model_version`` is the bundle's version.
 
+Over REST the binary extension (``inference-header-content-length``) is read here, not by
+KServe (:func:`read_binary_extension`): every size, shape and element is checked, and BYTES
+elements become base64 strings in the JSON, so the reference client's binary images and its
+JSON ones reach the model alike.
+
 Every refusal is :class:`kserve.errors.InvalidInput`, which KServe answers with HTTP 400 (gRPC
 INVALID_ARGUMENT), naming each offending instance and what was expected.
 """
@@ -27,6 +32,9 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+import json
+import math
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -45,6 +53,22 @@ PIXELS_INPUT = "pixels"  # the advertised v2 FP32 input name (preprocessed tenso
 LABEL_OUTPUT = "label"
 PROBABILITIES_OUTPUT = "probabilities"
 MAX_LISTED_ERRORS = 5
+BINARY_HEADER = "inference-header-content-length"  # the v2 REST binary extension's header
+# bytes per element of each v2 datatype sent in the binary extension (BYTES is length-prefixed)
+ELEMENT_BYTES = {
+    "BOOL": 1,
+    "INT8": 1,
+    "UINT8": 1,
+    "INT16": 2,
+    "UINT16": 2,
+    "FP16": 2,
+    "INT32": 4,
+    "UINT32": 4,
+    "FP32": 4,
+    "INT64": 8,
+    "UINT64": 8,
+    "FP64": 8,
+}
 V1_INSTANCE = '{"image_bytes": {"b64": "<base64>"}}'
 V1_EXAMPLE = f'{{"instances": [{V1_INSTANCE}]}}'
 
@@ -189,19 +213,46 @@ def v2_input(request: InferRequest, image_size: int) -> Any:
     return tensor
 
 
+def declared_shape(tensor: Any) -> list[int]:
+    """A v2 input's shape as non-negative integers (``-1`` or any other wildcard is refused:
+    the data's real size must be declared, or it could bypass --max_batch_size)."""
+    shape = tensor.shape if isinstance(tensor.shape, list | tuple) else None
+    if not shape or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise InvalidInput(
+            f"input '{tensor.name}' has shape {tensor.shape}; expected a list of "
+            "non-negative integers"
+        )
+    if any(d < 0 for d in shape):
+        raise InvalidInput(
+            f"input '{tensor.name}' has shape {list(shape)}: a negative dimension is not "
+            "allowed in a request; send the real number of images"
+        )
+    return [int(d) for d in shape]
+
+
 def v2_location(name: str) -> Callable[[int], str]:
     return lambda index: f"{name}[{index}]"
 
 
 def v2_encoded_images(tensor: Any, limits: Limits) -> list[str | bytes]:
-    """The encoded images of a BYTES input: base64 ``str`` (REST) or raw ``bytes``."""
+    """The encoded images of a BYTES input of shape ``[N]`` (or ``[N, 1]``): base64 ``str``
+    (REST) or raw ``bytes`` (gRPC)."""
+    shape = declared_shape(tensor)
+    if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
+        raise InvalidInput(
+            f"input '{tensor.name}' has shape {shape}; expected [N]: one encoded image each"
+        )
+    check_batch_size(shape[0], f"input '{tensor.name}'", limits)
     try:
         items = tensor.as_numpy().reshape(-1).tolist()
     except (ValueError, TypeError, InvalidInput) as err:
         raise InvalidInput(
             f"input '{tensor.name}': data does not fit shape {tensor.shape} ({err})"
         ) from err
-    check_batch_size(len(items), f"input '{tensor.name}'", limits)
+    if len(items) != shape[0]:
+        raise InvalidInput(
+            f"input '{tensor.name}' declares {shape[0]} images but holds {len(items)}"
+        )
     bad = [
         f"{tensor.name}[{i}] must be a string or bytes, got {json_type(item)}"
         for i, item in enumerate(items)
@@ -214,7 +265,7 @@ def v2_encoded_images(tensor: Any, limits: Limits) -> list[str | bytes]:
 
 def v2_pixels(tensor: Any, image_size: int, limits: Limits) -> torch.Tensor:
     """A preprocessed FP32 input as the network's batch, after checking its shape."""
-    shape = [int(d) for d in tensor.shape] if isinstance(tensor.shape, list | tuple) else []
+    shape = declared_shape(tensor)
     if len(shape) != 4 or shape[1:] != [3, image_size, image_size]:
         raise InvalidInput(
             f"input '{tensor.name}' has shape {tensor.shape}; expected "
@@ -255,6 +306,138 @@ def v2_response(
         use_binary_outputs=request.use_binary_outputs,
         requested_outputs=request.request_outputs,
     )
+
+
+# -- the REST binary extension -------------------------------------------------------------------
+
+
+def read_binary_extension(body: bytes, header_length: str) -> tuple[bytes, int | None]:
+    """A v2 REST request sent with the binary extension, checked and rewritten so KServe reads
+    it correctly: every size, shape and element the JSON part declares is checked against the
+    bytes that follow it (any mismatch is an :class:`InvalidInput` naming the input and the
+    sizes); BYTES elements move into the JSON as base64 strings (KServe would decode them as
+    UTF-8); fixed-size data (FP32) stays binary. Returns the new body and the length of its
+    JSON part, or None when nothing binary is left (a plain JSON body)."""
+    if not header_length.strip().isdigit():
+        raise InvalidInput(
+            f"header '{BINARY_HEADER}' must be the byte length of the JSON part of the body, "
+            f"got {header_length!r}"
+        )
+    json_length = int(header_length)
+    if not 0 < json_length <= len(body):
+        raise InvalidInput(
+            f"header '{BINARY_HEADER}' says the JSON part is {json_length} bytes, but the body "
+            f"is {len(body)} bytes"
+        )
+    try:
+        request = json.loads(body[:json_length])
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidInput(
+            f"the first {json_length} bytes of the body ('{BINARY_HEADER}') are not JSON: {err}"
+        ) from err
+    if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
+        raise InvalidInput(
+            "the JSON part of a binary request must be an object with an 'inputs' list"
+        )
+    offset, kept = json_length, []
+    for index, tensor in enumerate(request["inputs"]):
+        size = _binary_size(tensor, index)
+        if size is None:
+            continue  # its data is in the JSON; the model checks it
+        if offset + size > len(body):
+            raise InvalidInput(
+                f"input '{tensor['name']}': binary_data_size {size} runs past the end of the "
+                f"body ({len(body) - offset} bytes left): truncated request"
+            )
+        raw = body[offset : offset + size]
+        offset += size
+        if _inline_or_check(tensor, raw):
+            kept.append(raw)
+    if offset != len(body):
+        raise InvalidInput(
+            f"{len(body) - offset} bytes follow the inputs' binary data "
+            "(parameters.binary_data_size of each input must add up to the rest of the body)"
+        )
+    header = json.dumps(request, separators=(",", ":")).encode()
+    return (header + b"".join(kept), len(header)) if kept else (header, None)
+
+
+def _binary_size(tensor: Any, index: int) -> int | None:
+    """The input's ``binary_data_size`` (checked), or None when its data is inline."""
+    if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
+        raise InvalidInput(f"inputs[{index}] must be an object with a string 'name'")
+    parameters = tensor.get("parameters")
+    if not isinstance(parameters, dict) or "binary_data_size" not in parameters:
+        return None
+    size = parameters["binary_data_size"]
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise InvalidInput(
+            f"input '{tensor['name']}': binary_data_size must be a byte count, got {size!r}"
+        )
+    return size
+
+
+def _inline_or_check(tensor: dict[str, Any], raw: bytes) -> bool:
+    """Check one input's binary data against its shape; move BYTES data into the JSON (False),
+    keep fixed-size data binary (True)."""
+    name, datatype = tensor["name"], tensor.get("datatype")
+    count = math.prod(declared_shape(_Declared(name, tensor.get("shape"))))
+    if datatype == "BYTES":
+        elements = _bytes_elements(raw, name)
+        if len(elements) != count:
+            raise InvalidInput(
+                f"input '{name}': shape {tensor['shape']} needs {count} elements, its binary "
+                f"BYTES data holds {len(elements)}"
+            )
+        tensor["data"] = [_as_base64_text(e) for e in elements]
+        del tensor["parameters"]["binary_data_size"]
+        return False
+    if datatype not in ELEMENT_BYTES:
+        raise InvalidInput(f"input '{name}' has datatype {datatype!r}; expected BYTES or FP32")
+    if len(raw) != count * ELEMENT_BYTES[datatype]:
+        raise InvalidInput(
+            f"input '{name}': shape {tensor['shape']} of {datatype} needs "
+            f"{count * ELEMENT_BYTES[datatype]} bytes, binary_data_size is {len(raw)}"
+        )
+    return True
+
+
+def _as_base64_text(element: bytes) -> str:
+    """A BYTES element as the base64 text the model reads over REST: an encoded image (its
+    first bytes are never base64) is encoded; text that already is base64 stays as it is."""
+    try:
+        text = element.decode("ascii")
+        base64.b64decode(text, validate=True)
+    except (UnicodeDecodeError, binascii.Error):
+        return base64.b64encode(element).decode("ascii")
+    return text
+
+
+@dataclass(frozen=True)
+class _Declared:
+    """What :func:`declared_shape` reads of a tensor, for a JSON input."""
+
+    name: str
+    shape: Any
+
+
+def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
+    """The elements of a BYTES tensor in the binary form: each a little-endian uint32 length
+    and that many bytes."""
+    elements, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"input '{name}': truncated BYTES element length at byte {offset}")
+        (length,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + length > len(raw):
+            raise InvalidInput(
+                f"input '{name}': BYTES element {len(elements)} says {length} bytes, "
+                f"{len(raw) - offset} are left: truncated"
+            )
+        elements.append(raw[offset : offset + length])
+        offset += length
+    return elements
 
 
 # -- images ----------------------------------------------------------------------------------------

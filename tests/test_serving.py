@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hashlib
 import io
 import json
 import logging
@@ -15,12 +14,11 @@ import re
 import secrets
 import struct
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 import requests
@@ -29,10 +27,6 @@ from kserve import InferInput, InferRequest, InferResponse
 from kserve.errors import InvalidInput
 from PIL import Image
 from prometheus_client import REGISTRY
-from starlette.applications import Starlette
-from starlette.requests import Request as StarletteRequest
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from brainmri import CLASS_NAMES
 from brainmri.demo_data import synthetic_slice
@@ -43,7 +37,6 @@ from brainmri.storage import ObjectStore, S3Uri, StorageError
 from serving import __main__ as serving_main
 from serving import protocol
 from serving.__main__ import build_parser, forward_threads, main
-from serving.limits import PayloadLimitMiddleware
 from serving.predictor import BrainMRIModel
 from serving.process import ServerNotReady, ServerProcess, serve_in_subprocess
 
@@ -506,62 +499,6 @@ def test_thread_defaults_fit_the_cpu_budget(monkeypatch: pytest.MonkeyPatch) -> 
     assert forward_threads(cuda, None, None) == (1, 4)
 
 
-# -- the payload limit, as ASGI middleware -----------------------------------------------------
-async def _echo(request: StarletteRequest) -> JSONResponse:
-    body = await request.body()
-    return JSONResponse({"size": len(body), "sha256": hashlib.sha256(body).hexdigest()})
-
-
-def call_limited(method: str, content: bytes | list[bytes] | None = None) -> tuple[int, dict, int]:
-    """One request to a tiny echo app behind a 100-byte limit: (status, JSON, rejections).
-
-    ``content`` as a list of chunks is streamed without a Content-Length.
-    """
-    rejected: list[int] = []
-    app = Starlette(routes=[Route("/echo", _echo, methods=["GET", "POST"])])
-    app.add_middleware(PayloadLimitMiddleware, max_bytes=100, on_reject=lambda: rejected.append(1))
-
-    async def chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
-        for part in parts:
-            yield part
-
-    async def run() -> httpx.Response:
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-            body = chunks(content) if isinstance(content, list) else content
-            return await client.request(method, "/echo", content=body)
-
-    response = asyncio.run(run())
-    return response.status_code, response.json(), len(rejected)
-
-
-def test_payload_limit_passes_bodies_up_to_the_limit_unchanged() -> None:
-    body = bytes(range(100))
-    assert call_limited("POST", body) == (
-        200,
-        {"size": 100, "sha256": hashlib.sha256(body).hexdigest()},
-        0,
-    )
-    assert call_limited("POST", [body[:40], body[40:80]]) == (
-        200,
-        {"size": 80, "sha256": hashlib.sha256(body[:80]).hexdigest()},
-        0,
-    )
-    assert call_limited("GET")[:2] == (200, {"size": 0, "sha256": hashlib.sha256().hexdigest()})
-
-
-def test_payload_limit_answers_413_naming_the_limit() -> None:
-    status, body, rejected = call_limited("POST", b"x" * 101)
-    assert (status, rejected) == (413, 1)
-    assert "101 bytes" in body["error"]
-    assert "limit of 100 bytes (--max_payload_bytes)" in body["error"]
-    status, body, rejected = call_limited("POST", [b"x" * 60, b"y" * 60])
-    assert (status, rejected) == (413, 1)
-    assert "exceeds 100 bytes" in body["error"]
-    with pytest.raises(ValueError, match="at least 1"):
-        PayloadLimitMiddleware(app=Starlette(), max_bytes=0)
-
-
 # -- the real server, over HTTP and gRPC -------------------------------------------------------
 @dataclass(frozen=True)
 class Server(ServerProcess):
@@ -601,6 +538,8 @@ def server(
         str(grpc_port),
         "--max_payload_bytes",
         str(MAX_PAYLOAD_BYTES),
+        "--max_inflight_requests",  # concurrency tests expect every request served
+        "8",
     ]
     log_path = tmp_path_factory.mktemp("server") / "server.log"
     try:
