@@ -6,6 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?=
 PIPELINE_YAML := pipelines/brain_mri_pipeline.yaml
 PYTORCHJOB_YAML := manifests/training/pytorchjob.yaml
+ISVC_YAML := manifests/serving/inferenceservice.yaml
 REGISTRY ?= ghcr.io/brain-mri-mlops
 TAG ?= 0.1.0
 COMPONENT_IMAGE ?= $(REGISTRY)/components:$(TAG)
@@ -16,7 +17,7 @@ GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 
 .PHONY: help venv run test test-unit lint format compile manifests clean images cluster-yaml upload \
-	bench bench-ingest bench-accuracy bench-serve bench-load
+	bench bench-ingest bench-accuracy bench-serve bench-load credentials
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -46,9 +47,10 @@ format: $(STAMP) ## apply ruff fixes and formatting
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-compile: $(STAMP) ## write the committed generated files: pipeline YAML (default images), PyTorchJob example
+compile: $(STAMP) ## write the committed generated files: pipeline YAML (default images), PyTorchJob and InferenceService examples
 	env -u COMPONENT_IMAGE $(BIN)/python -m pipelines compile --output $(PIPELINE_YAML)
 	env -u COMPONENT_IMAGE $(BIN)/python -m components.train_job --example > $(PYTORCHJOB_YAML)
+	env -u COMPONENT_IMAGE $(BIN)/python -m components.promote --example > $(ISVC_YAML)
 
 images: ## build the component and predictor images as COMPONENT_IMAGE / SERVING_IMAGE (REGISTRY=, TAG=)
 	@$(DOCKER) info >/dev/null 2>&1 || { \
@@ -68,12 +70,11 @@ cluster-yaml: $(STAMP) ## compile for your cluster: your images, GPU=1 for a GPU
 upload: $(STAMP) ## upload a new pipeline version to KFP (KFP_HOST, KFP_TOKEN; your images; GPU=1)
 	$(BIN)/python -m pipelines upload $(CLUSTER_FLAGS)
 
-manifests: $(STAMP) ## render the kustomize overlays with the bundled kubectl (needs manifests/base/minio.env)
-	@test -f manifests/base/minio.env || { echo "manifests/base/minio.env missing: cp manifests/base/minio.env.example manifests/base/minio.env and set the credentials"; exit 1; }
-	@for overlay in manifests/overlays/*/; do \
-	  echo "# --- $$overlay"; \
-	  $(BIN)/python -c "import sys; from brainmri.kubectl import kustomize_build; print(kustomize_build(sys.argv[1]))" $$overlay; \
-	done
+credentials: $(STAMP) ## write manifests/base/credentials/*.env with random values (one MinIO user per consumer; existing files kept)
+	$(BIN)/python -m brainmri.manifests credentials
+
+manifests: $(STAMP) ## render the kustomize overlays with the bundled kubectl (refuses missing, placeholder or shared credentials)
+	$(BIN)/python -m brainmri.manifests render manifests/overlays/*/
 
 bench: bench-ingest bench-accuracy bench-serve bench-load ## every benchmark (figures in benchmarks/results/*.json)
 

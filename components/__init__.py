@@ -10,3 +10,4 @@ Override the image at compile time with ``COMPONENT_IMAGE``.
 import os
 
 COMPONENT_IMAGE = os.environ.get("COMPONENT_IMAGE", "ghcr.io/brain-mri-mlops/components:0.1.0")
+SERVING_IMAGE = "ghcr.io/brain-mri-mlops/predictor:0.1.0"  # the predictor (serving/Dockerfile)

@@ -303,29 +303,27 @@ def promote(
     models_bucket: str,
     namespace: str,
     serving_image: str,
+    serving_policy: dict,
     accuracy: float,
     canary_traffic_percent: int = -1,
     ready_timeout_s: float = 600.0,
 ) -> str:
-    """Publish the model version, roll the InferenceService to it and wait until it is Ready
-    (rolling back on failure); returns the version's storage URI. ``canary_traffic_percent``
-    -1 sends all traffic to the new version."""
+    """Publish the model version, roll the InferenceService to it and wait until the new model
+    serves (rolling back on failure); returns the version's storage URI. ``serving_policy``
+    (ServingPolicy, fixed at compile time) allows the images and sets the deployment;
+    ``canary_traffic_percent`` -1 sends all traffic to the new version."""
     from pathlib import Path
 
-    from brainmri.inference_service import InferenceServiceSpec
+    from brainmri.inference_service import ServingPolicy
     from brainmri.kube import cluster_api_client
     from brainmri.model import ModelBundle
     from components.promote import promote_model
 
-    trained_on = ModelBundle.read_metadata(Path(model.path))
-    spec = InferenceServiceSpec(
-        name=model_name,
-        namespace=namespace,
-        storage_uri="",
-        image=serving_image,
-        model_name=model_name,
-        canary_traffic_percent=canary_traffic_percent if canary_traffic_percent >= 0 else None,
+    canary = canary_traffic_percent if canary_traffic_percent >= 0 else None
+    spec = ServingPolicy.from_dict(serving_policy).spec(
+        model_name, namespace, serving_image, canary
     )
+    trained_on = ModelBundle.read_metadata(Path(model.path))
     result = promote_model(
         Path(model.path),
         model_name,

@@ -30,6 +30,13 @@ from brainmri.kube import (
     poll,
 )
 from brainmri.model import ModelBundle
+from brainmri.pod_security import (
+    MINIO_CLIENT_LABEL,
+    container_security_context,
+    pod_security_context,
+    tmp_mount,
+    tmp_volume,
+)
 from brainmri.storage import ObjectStore, S3Uri, fetch, is_s3_uri, publish
 from components.distributed import DistributedContext
 from components.train import TrainResult, TrainRun, train_model
@@ -38,6 +45,7 @@ PYTORCH_JOBS = CustomResource(
     "kubeflow.org", "v1", "pytorchjobs", "PyTorchJob", "the Kubeflow training operator"
 )
 CONTAINER_NAME = "pytorch"  # the operator requires this container name
+SHM_VOLUME = "dshm"
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 DEFAULT_JOB_TIMEOUT_S = 6 * 3600.0
 
@@ -58,6 +66,7 @@ class TrainingJobSpec:
     gpus_per_worker: int = 0
     cpu: str = "2"
     memory: str = "8Gi"
+    scratch: str = "8Gi"  # the /tmp emptyDir: the dataset's copy, the bundle
     s3_endpoint: str = "minio.brain-mri.svc.cluster.local:9000"
     s3_secret: str = "minio-credentials"
     node_selector: dict[str, str] = field(default_factory=dict)
@@ -76,6 +85,7 @@ def render_pytorch_job(spec: TrainingJobSpec) -> dict[str, Any]:
         for key in S3_ENV
     ]
     pod_spec: dict[str, Any] = {
+        "securityContext": pod_security_context(),
         "containers": [
             {
                 "name": CONTAINER_NAME,
@@ -84,7 +94,14 @@ def render_pytorch_job(spec: TrainingJobSpec) -> dict[str, Any]:
                 "args": spec.args,
                 "env": env,
                 "resources": {"requests": dict(limits), "limits": limits},
+                "securityContext": container_security_context(),
+                # /tmp: the dataset's local copy and the bundle; /dev/shm: data-loader workers
+                "volumeMounts": [tmp_mount(), {"name": SHM_VOLUME, "mountPath": "/dev/shm"}],
             }
+        ],
+        "volumes": [
+            tmp_volume(spec.scratch),
+            {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
         ],
     }
     if spec.node_selector:
@@ -96,7 +113,10 @@ def render_pytorch_job(spec: TrainingJobSpec) -> dict[str, Any]:
         return {
             "replicas": count,
             "restartPolicy": "OnFailure",
-            "template": {"spec": copy.deepcopy(pod_spec)},
+            "template": {
+                "metadata": {"labels": {MINIO_CLIENT_LABEL: "true"}},
+                "spec": copy.deepcopy(pod_spec),
+            },
         }
 
     return {

@@ -30,9 +30,11 @@ from kfp import kubernetes
 from kfp.dsl import PipelineTask
 from kfp.dsl.pipeline_context import Pipeline
 
-from components import COMPONENT_IMAGE
+from brainmri.inference_service import ServingPolicy
+from brainmri.pod_security import MINIO_CLIENT_LABEL, RUN_AS_USER
+from components import COMPONENT_IMAGE, SERVING_IMAGE
 
-DEFAULT_SERVING_IMAGE = "ghcr.io/brain-mri-mlops/predictor:0.1.0"
+DEFAULT_SERVING_IMAGE = SERVING_IMAGE
 # the in-cluster MinIO of manifests/base (Service `minio` in namespace `brain-mri`)
 DEFAULT_S3_ENDPOINT = "minio.brain-mri.svc.cluster.local:9000"
 # the Secret that manifests/base generates from minio.env
@@ -129,6 +131,24 @@ class ClusterOptions:
         "default of the serving_image parameter",
         name="default-serving-image",
     )
+    allowed_serving_images: tuple[str, ...] = _option(
+        help="an image the serving_image parameter may name (repeat; default: only the "
+        "default serving image); a run asking for another fails before anything is deployed",
+        name="allowed-serving-image",
+        repeat=True,
+        convert=tuple,
+        default_factory=tuple,
+    )
+    serving_deployment_mode: str | None = _option(
+        None,
+        "KServe deployment mode of the InferenceService (the cluster's default when unset)",
+        choices=["RawDeployment", "Serverless"],
+    )
+    serving_min_replicas: int = _option(1, "fewest predictor replicas")
+    serving_max_replicas: int = _option(3, "most predictor replicas")
+    serving_gpu: bool = _option(
+        False, "one GPU per predictor replica (with the GPU node selector and tolerations)"
+    )
     image_pull_policy: str | None = _option(
         None, "Kubernetes' default when unset", choices=["Always", "IfNotPresent", "Never"]
     )
@@ -202,6 +222,21 @@ class ClusterOptions:
         steps = dict(self.steps)
         steps[step] = replace(policy, resources=replace(policy.resources, **changes))
         return replace(self, steps=steps)
+
+    def serving_policy(self) -> ServingPolicy:
+        """How promote deploys the InferenceService (a constant of the compiled pipeline)."""
+        gpu = self.serving_gpu
+        return ServingPolicy(
+            allowed_images=self.allowed_serving_images or (self.serving_image,),
+            deployment_mode=self.serving_deployment_mode,
+            min_replicas=self.serving_min_replicas,
+            max_replicas=self.serving_max_replicas,
+            gpus=self.accelerator_limit if gpu else 0,
+            node_selector=tuple(sorted(self.gpu_node_selector.items())) if gpu else (),
+            tolerations=tuple((t.key, t.effect or "NoSchedule") for t in self.gpu_tolerations)
+            if gpu
+            else (),
+        )
 
     def s3_env(self) -> dict[str, str]:
         """Plain environment variables for steps that use object storage."""
@@ -279,6 +314,12 @@ def configure_task(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
             "pipelines/cluster.py (resources, object storage use, caching)"
         )
     task.set_container_image(options.component_image)
+    if options.in_cluster:
+        # the image's own user; KFP adds the rest of the restricted context (no escalation,
+        # capabilities dropped, RuntimeDefault seccomp)
+        kubernetes.set_security_context(
+            task, run_as_user=RUN_AS_USER, run_as_group=RUN_AS_USER, run_as_non_root=True
+        )
     if options.image_pull_policy:
         kubernetes.set_image_pull_policy(task, options.image_pull_policy)
     _set_resources(task, policy.resources)
@@ -292,6 +333,8 @@ def configure_task(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
                 backoff_factor=options.retry_backoff_factor,
                 backoff_max_duration=options.retry_backoff_max,
             )
+        if options.in_cluster:  # what manifests/base/networkpolicy.yaml lets reach MinIO
+            kubernetes.add_pod_label(task, label_key=MINIO_CLIENT_LABEL, label_value="true")
         if options.s3_secret:
             kubernetes.use_secret_as_env(
                 task,

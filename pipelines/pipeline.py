@@ -51,7 +51,7 @@ Args:
     model_name: the InferenceService and the folder in the models bucket.
     models_bucket: bucket of model versions, records and checkpoints.
     namespace: Kubernetes namespace of the InferenceService (and of a PyTorchJob).
-    serving_image: the predictor image the InferenceService runs.
+    serving_image: the predictor image the InferenceService runs; one of the images the pipeline was compiled to allow.
     val_fraction: share of the images in the validation split.
     test_fraction: share of the images in the held-out test split.
     split_seed: seed of the train/val/test assignment.
@@ -152,6 +152,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
                     models_bucket=models_bucket,
                     namespace=namespace,
                     serving_image=serving_image,
+                    serving_policy=options.serving_policy().to_dict(),  # fixed at compile time
                     accuracy=evaluate_task.outputs["accuracy"],
                     canary_traffic_percent=canary_traffic_percent,
                     ready_timeout_s=ready_timeout_s,

@@ -51,13 +51,39 @@ ISVC_RESOURCE = f"{INFERENCE_SERVICES.api_version}/{INFERENCE_SERVICES.plural}"
 T = TypeVar("T")
 
 
+VERBS = {
+    kube_action.FETCH: "get",
+    kube_action.LIST: "list",
+    kube_action.WATCH: "watch",
+    kube_action.CREATE: "create",
+    kube_action.DELETE: "delete",
+}
+
+
 class ApiServer(kmock.KubernetesEmulator):
-    """kmock's emulator plus generation, resourceVersion and the status subresource."""
+    """kmock's emulator plus generation, resourceVersion and the status subresource; it also
+    records every RBAC verb asked of it (:attr:`verbs`: ``(group, resource, verb)``)."""
 
     _writes: asyncio.Lock | None = None
     _version: int = 0
+    verbs: set[tuple[str, str, str]] | None = None
+
+    def _record(self, request: Any) -> None:
+        if request.resource is None or request.action is None:
+            return
+        if request.action == kube_action.UPDATE:
+            verb = "patch" if str(request.method).upper().endswith("PATCH") else "update"
+        else:
+            verb = VERBS[request.action]
+        plural = request.resource.plural + (
+            f"/{request.subresource}" if request.subresource else ""
+        )
+        if self.verbs is None:
+            self.verbs = set()
+        self.verbs.add((request.resource.group or "", plural, verb))
 
     async def _handle(self, request: Any) -> Any:
+        self._record(request)
         writing = request.action in (kube_action.CREATE, kube_action.UPDATE)
         if request.resource is None or not writing or not isinstance(request.data, dict):
             return await super()._handle(request)

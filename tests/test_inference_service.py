@@ -86,10 +86,15 @@ def test_render_has_custom_container_storage_resources_probes_and_metrics() -> N
     assert container["env"] == [{"name": STORAGE_URI_ENV, "value": "s3://models/brain-mri/v1"}]
     assert container["resources"] == {
         "requests": {"cpu": "500m", "memory": "1Gi"},
-        "limits": {"cpu": "2", "memory": "4Gi"},
+        "limits": {"cpu": "2", "memory": "2Gi"},
     }
     assert container["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": 9090}
     assert container["livenessProbe"]["httpGet"] == {"path": "/v2/health/live", "port": 9090}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["timeoutSeconds"] >= 3, probe  # the default 1 s fails under load
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert predictor["securityContext"]["runAsNonRoot"] is True
+    assert container["volumeMounts"] == [{"name": "tmp", "mountPath": "/tmp"}]
     assert "kind: InferenceService" in to_yaml(manifest)
     assert to_yaml(manifest).index("apiVersion") < to_yaml(manifest).index("spec")
 
@@ -114,6 +119,30 @@ def test_rendered_manifest_matches_the_kserve_crd_schema(canary: int | None) -> 
     )
     errors = [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(manifest)]
     assert not errors, errors
+
+
+def test_render_deployment_mode_replicas_and_gpu() -> None:
+    spec = make_spec(
+        deployment_mode="RawDeployment",
+        min_replicas=1,
+        max_replicas=1,
+        gpus=1,
+        node_selector=(("nvidia.com/gpu.present", "true"),),
+        tolerations=(("nvidia.com/gpu", "NoSchedule"),),
+    )
+    manifest = render_inference_service(spec)
+    assert (
+        manifest["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
+    )
+    predictor = predictor_of(manifest)
+    assert (predictor["minReplicas"], predictor["maxReplicas"]) == (1, 1)
+    assert predictor["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert predictor["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
+    assert predictor["tolerations"][0]["key"] == "nvidia.com/gpu"
+    with pytest.raises(ValueError, match="deployment_mode"):
+        make_spec(deployment_mode="Knative")
+    with pytest.raises(ValueError, match="min <= max"):
+        make_spec(min_replicas=3, max_replicas=2)
 
 
 def test_render_canary_and_validation() -> None:

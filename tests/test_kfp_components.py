@@ -13,6 +13,7 @@ import pytest
 from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Markdown, Metrics, Model
 
 from brainmri import CLASS_NAMES
+from brainmri.inference_service import ImageNotAllowed
 from brainmri.model import ModelBundle
 from brainmri.registry import dataset_record_uri, production_record_uri
 from brainmri.storage import ObjectStore
@@ -217,9 +218,22 @@ def test_gate_and_promote_without_a_cluster(
         models_bucket=bucket,
         namespace="brain-mri",
         serving_image="predictor:test",
+        serving_policy={"allowed_images": ["predictor:test"]},
         accuracy=0.5,
     )
     record = store.get_json(production_record_uri(bucket, "m"))
     assert uri == record["storage_uri"] == manifest.metadata["storage_uri"]
     assert manifest.metadata["action"].startswith("skipped: no Kubernetes cluster")
     assert "kind: InferenceService" in Path(manifest.path).read_text()
+    with pytest.raises(ImageNotAllowed, match=r"'evil:latest' is not allowed.*predictor:test"):
+        step.promote.python_func(
+            model=model,
+            isvc_manifest=manifest,
+            model_name="m",
+            models_bucket=bucket,
+            namespace="brain-mri",
+            serving_image="evil:latest",
+            serving_policy={"allowed_images": ["predictor:test"]},
+            accuracy=0.5,
+        )
+    assert store.get_json(production_record_uri(bucket, "m")) == record  # nothing changed

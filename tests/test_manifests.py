@@ -4,8 +4,12 @@ Core objects are checked against the Kubernetes 1.35 OpenAPI schemas that ``kube
 ships (strict: unknown fields fail, as they would with ``kubectl apply``); the InferenceService is
 checked against ``schemas/inferenceservice_v1beta1.json``, taken from KServe's CRD.
 
-The manifests need a ``manifests/base/minio.env`` that is never committed, so every test renders a
-temporary copy of ``manifests/`` with a dummy env file of random values.
+The manifests need credential files that are never committed, so every test renders a temporary
+copy of ``manifests/`` with the files ``brainmri.manifests.write_credentials`` writes. The
+InferenceService is not in the kustomization (the first promotion creates it): its checks run on
+``manifests/serving/inferenceservice.yaml``, which ``make compile`` renders with promote's own
+function. Every pod is held to the ``restricted`` Pod Security Standard, and the Role to exactly
+the verbs the code asks of the (emulated) API server.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ import copy
 import importlib.metadata
 import json
 import re
-import secrets
 import shutil
 import subprocess
 from fractions import Fraction
@@ -33,6 +36,16 @@ from brainmri.kubectl import (
     kubectl_version,
     kustomize_build,
 )
+from brainmri.manifests import (
+    CREDENTIAL_FILES,
+    CredentialsError,
+    check_credentials,
+    read_env,
+    write_credentials,
+)
+from brainmri.manifests import (
+    render as render_checked,
+)
 
 kubernetes_validate = pytest.importorskip(
     "kubernetes_validate",
@@ -45,11 +58,11 @@ MANIFESTS = REPO / "manifests"
 ISVC_SCHEMA = REPO / "schemas" / "inferenceservice_v1beta1.json"
 K8S_VERSION = "1.35"  # the bundled kubectl's version; a cluster this project targets
 NAMESPACE = "brain-mri"
-KUSTOMIZATIONS = ("base", "overlays/local", "overlays/gpu")
+KUSTOMIZATIONS = ("base", "overlays/local")
 ISVC_NAME = "brain-mri-classifier"
-ISVC_VERBS = {"get", "list", "watch", "create", "patch", "update"}
-PYTORCHJOB_VERBS = {"get", "list", "watch", "create"}
-GPU = "nvidia.com/gpu"
+SHIPPED_ISVC = MANIFESTS / "serving" / "inferenceservice.yaml"
+SHIPPED_JOB = MANIFESTS / "training" / "pytorchjob.yaml"
+MINIO_CLIENT = "brain-mri.kubeflow.org/minio-client"
 
 
 # -- fixtures --------------------------------------------------------------------------------------
@@ -62,22 +75,19 @@ def kubectl() -> Path:
 
 
 @pytest.fixture(scope="session")
-def credentials() -> dict[str, str]:
-    """Dummy values for the git-ignored env file, random so that they can be traced."""
-    return {
-        "AWS_ACCESS_KEY_ID": f"test{secrets.token_hex(6)}",
-        "AWS_SECRET_ACCESS_KEY": secrets.token_hex(20),
-    }
+def manifest_tree(tmp_path_factory) -> Path:
+    """A copy of manifests/ (without any user's *.env) plus freshly generated credentials."""
+    root = tmp_path_factory.mktemp("manifests") / "manifests"
+    shutil.copytree(MANIFESTS, root, ignore=shutil.ignore_patterns("*.env"))
+    write_credentials(root / "base" / "credentials")
+    return root
 
 
 @pytest.fixture(scope="session")
-def manifest_tree(tmp_path_factory, credentials) -> Path:
-    """A copy of manifests/ (without any user's *.env) plus a dummy base/minio.env."""
-    root = tmp_path_factory.mktemp("manifests") / "manifests"
-    shutil.copytree(MANIFESTS, root, ignore=shutil.ignore_patterns("*.env"))
-    lines = [f"{key}={value}" for key, value in credentials.items()]
-    (root / "base" / "minio.env").write_text("\n".join(lines) + "\n")
-    return root
+def credentials(manifest_tree) -> dict[str, dict[str, str]]:
+    """Each credential file's values, by file name."""
+    folder = manifest_tree / "base" / "credentials"
+    return {name: read_env(folder / name) for name in CREDENTIAL_FILES}
 
 
 _RENDERED: dict[str, list[dict]] = {}
@@ -170,31 +180,134 @@ def test_kubectl_is_current(kubectl):
 
 def test_kustomize_build_reports_stderr(kubectl, tmp_path):
     shutil.copytree(MANIFESTS, tmp_path / "m", ignore=shutil.ignore_patterns("*.env"))
-    with pytest.raises(KustomizeError, match=r"(?s)exit 1.*minio\.env"):
+    with pytest.raises(KustomizeError, match=r"(?s)exit 1.*minio-root\.env"):
         kustomize_build(tmp_path / "m" / "overlays" / "local", kubectl=kubectl)
     with pytest.raises(KustomizeError, match="no kustomization.yaml"):
         kustomize_build(tmp_path, kubectl=kubectl)
 
 
+# -- credentials ---------------------------------------------------------------------------------
+def test_rendering_refuses_missing_placeholder_and_shared_credentials(tmp_path, monkeypatch):
+    folder = tmp_path / "credentials"
+    shutil.copytree(MANIFESTS / "base" / "credentials", folder)
+    with pytest.raises(CredentialsError, match="minio-root.env is missing"):
+        check_credentials(folder)
+    for name in CREDENTIAL_FILES:  # copying the examples as they are
+        shutil.copy(folder / f"{name}.example", folder / name)
+    with pytest.raises(CredentialsError) as placeholders:
+        check_credentials(folder)
+    assert str(placeholders.value).count("placeholder") == 6
+    assert "make credentials" in str(placeholders.value)
+    write_credentials(folder, overwrite=True)
+    check_credentials(folder)  # random ones pass
+    pipeline = read_env(folder / "pipeline.env")
+    serving = folder / "serving.env"
+    serving.write_text(
+        f"AWS_ACCESS_KEY_ID={pipeline['AWS_ACCESS_KEY_ID']}\nAWS_SECRET_ACCESS_KEY={'s' * 20}\n"
+    )
+    with pytest.raises(CredentialsError, match="share one access key"):
+        check_credentials(folder)
+    with pytest.raises(CredentialsError):
+        render_checked(
+            MANIFESTS / "overlays" / "local", credentials=folder
+        )  # refused before kustomize
+
+
+def test_every_secret_comes_from_its_own_file_and_nowhere_else(rendered, credentials):
+    _, docs = rendered
+    secrets_by_name = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    sources = {
+        "minio-root": "minio-root.env",
+        "minio-credentials": "pipeline.env",
+        "kserve-s3-credentials": "serving.env",
+    }
+    assert set(secrets_by_name) == set(sources)
+    for name, file in sources.items():
+        decoded = {
+            k: base64.b64decode(v).decode() for k, v in secrets_by_name[name]["data"].items()
+        }
+        assert decoded == credentials[file], name
+        assert "stringData" not in secrets_by_name[name]
+    values = {v for file in credentials.values() for v in file.values()}
+    for doc in docs:
+        if doc["kind"] != "Secret":
+            text = yaml.safe_dump(doc)
+            assert not [v for v in values if v in text], f"credential leaked into {doc['kind']}"
+    # MinIO's root user reaches only MinIO and its setup Job
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "Job"} and "minio-root" in yaml.safe_dump(doc):
+            assert doc["metadata"]["name"] in {"minio", "minio-setup"}
+
+
+def test_no_secret_values_are_committed():
+    for path in MANIFESTS.rglob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict):
+                assert doc.get("kind") != "Secret", f"{path} holds a literal Secret"
+                for generator in doc.get("secretGenerator", []):
+                    assert set(generator) <= {"name", "envs", "options", "behavior", "type"}, (
+                        f"{path}: secrets must come from env files, not literals/files"
+                    )
+                    assert all(env.endswith(".env") for env in generator["envs"])
+    gitignore = (MANIFESTS / ".gitignore").read_text().split()
+    assert "*.env" in gitignore and "!*.env.example" in gitignore
+    for name, keys in CREDENTIAL_FILES.items():
+        example = read_env(MANIFESTS / "base" / "credentials" / f"{name}.example")
+        assert set(example) == set(keys) and all("replace-me" in v for v in example.values())
+        if shutil.which("git") and (REPO / ".git").exists():
+            path = MANIFESTS / "base" / "credentials" / name
+            ignored = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=REPO)
+            assert ignored.returncode == 0, f"{path} is not git-ignored"
+
+
+def test_each_minio_user_gets_only_what_it_needs():
+    """The setup Job's policies: the pipeline reads and writes both buckets; the storage
+    initializer only lists and reads ``models``."""
+    pipeline = json.loads((MANIFESTS / "base" / "minio-policies" / "pipeline.json").read_text())
+    reader = json.loads((MANIFESTS / "base" / "minio-policies" / "models-read.json").read_text())
+
+    def grants(policy: dict) -> set[tuple[str, str]]:
+        assert all(st["Effect"] == "Allow" for st in policy["Statement"])
+        return {(a, r) for st in policy["Statement"] for a in st["Action"] for r in st["Resource"]}
+
+    assert not [a for a, _ in grants(pipeline) | grants(reader) if "*" in a]
+    assert {r for _, r in grants(pipeline)} <= {
+        "arn:aws:s3:::pipelines",
+        "arn:aws:s3:::models",
+        "arn:aws:s3:::pipelines/*",
+        "arn:aws:s3:::models/*",
+    }
+    assert ("s3:PutObject", "arn:aws:s3:::models/*") in grants(pipeline)
+    assert grants(reader) == {
+        ("s3:ListBucket", "arn:aws:s3:::models"),
+        ("s3:GetBucketLocation", "arn:aws:s3:::models"),
+        ("s3:GetObject", "arn:aws:s3:::models/*"),
+    }
+
+
 # -- every kustomization ---------------------------------------------------------------------------
 def test_renders_the_whole_stack(rendered):
     _, docs = rendered
-    kinds = {(d["kind"], d["metadata"]["name"]) for d in docs}
+    # generated ConfigMaps carry a content hash (kustomize rewrites their references)
+    kinds = {(d["kind"], re.sub(r"-[a-z0-9]{10}$", "", d["metadata"]["name"])) for d in docs}
     assert {
         ("Namespace", NAMESPACE),
         ("Deployment", "minio"),
         ("PersistentVolumeClaim", "minio-data"),
         ("Service", "minio"),
-        ("Job", "minio-make-buckets"),
+        ("Job", "minio-setup"),
+        ("NetworkPolicy", "minio-ingress"),
+        ("Secret", "minio-root"),
         ("Secret", "minio-credentials"),
         ("Secret", "kserve-s3-credentials"),
         ("ConfigMap", "kfp-launcher"),
+        ("ConfigMap", "minio-policies"),
         ("ServiceAccount", "kserve-s3"),
         ("ServiceAccount", "pipeline-runner"),
-        ("Role", "pipeline-runner-inferenceservices"),
-        ("RoleBinding", "pipeline-runner-inferenceservices"),
-        ("InferenceService", ISVC_NAME),
+        ("Role", "pipeline-runner"),
+        ("RoleBinding", "pipeline-runner"),
     } <= kinds
+    assert "InferenceService" not in {kind for kind, _ in kinds}  # the first promotion makes it
     for doc in docs:
         if doc["kind"] != "Namespace":
             assert doc["metadata"]["namespace"] == NAMESPACE, doc["metadata"]["name"]
@@ -202,34 +315,39 @@ def test_renders_the_whole_stack(rendered):
 
 def test_core_objects_match_kubernetes_schema(rendered):
     _, docs = rendered
-    checked = 0
     for doc in docs:
-        if doc["apiVersion"].startswith("serving.kserve.io/"):
-            continue
         try:
             kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
         except kubernetes_validate.ValidationError as err:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {err.message} at {err.path}")
-        checked += 1
-    assert checked >= 12
+    assert len(docs) >= 15
 
 
-def test_inferenceservice_matches_crd_schema(rendered, isvc_validator):
-    _, docs = rendered
-    isvc = only(docs, "InferenceService", ISVC_NAME)
-    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1"
+def shipped_isvc() -> dict:
+    return yaml.safe_load(SHIPPED_ISVC.read_text())
+
+
+def test_shipped_inferenceservice_is_what_promote_applies():
+    from components.promote import example_manifest
+
+    assert SHIPPED_ISVC.read_text() == example_manifest(), (
+        "manifests/serving/inferenceservice.yaml is stale: run `make compile`"
+    )
+
+
+def test_shipped_inferenceservice_matches_crd_schema(isvc_validator):
+    isvc = shipped_isvc()
     errors = sorted(isvc_validator.iter_errors(isvc), key=lambda e: list(e.path))
     assert not errors, "\n".join(f"{list(e.path)}: {e.message}" for e in errors)
-    # the CRD leaves metadata to the API server: check it as ObjectMeta of a core object
-    kubernetes_validate.validate(
+    kubernetes_validate.validate(  # the CRD leaves metadata to the API server
         {"apiVersion": "v1", "kind": "ConfigMap", "metadata": isvc["metadata"]},
         K8S_VERSION,
         strict=True,
     )
 
 
-def test_crd_schema_catches_mistakes(render, isvc_validator):
-    good = only(render("base"), "InferenceService")
+def test_crd_schema_catches_mistakes(isvc_validator):
+    good = shipped_isvc()
     assert isvc_validator.is_valid(good)
     mistakes = []
     typo = copy.deepcopy(good)
@@ -251,80 +369,26 @@ def test_crd_schema_catches_mistakes(render, isvc_validator):
         assert not isvc_validator.is_valid(bad)
 
 
-def test_rbac_is_least_privilege(rendered):
-    _, docs = rendered
-    assert not [d for d in docs if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
-    roles = [d for d in docs if d["kind"] == "Role"]
-    bindings = [d for d in docs if d["kind"] == "RoleBinding"]
-    assert len(roles) == 1 and len(bindings) == 1
-    role, binding = roles[0], bindings[0]
-    assert role["metadata"]["namespace"] == NAMESPACE
-    assert len(role["rules"]) == 2
-    isvc_rule, job_rule = role["rules"]
-    for rule in role["rules"]:
-        assert set(rule) <= {"apiGroups", "resources", "verbs"}  # no nonResourceURLs etc.
-    assert isvc_rule["apiGroups"] == ["serving.kserve.io"]
-    assert isvc_rule["resources"] == ["inferenceservices"]  # not /status, not "*"
-    assert sorted(isvc_rule["verbs"]) == sorted(ISVC_VERBS)
-    assert job_rule["apiGroups"] == ["kubeflow.org"]
-    assert job_rule["resources"] == ["pytorchjobs"]  # the train step's distributed jobs
-    assert sorted(job_rule["verbs"]) == sorted(PYTORCHJOB_VERBS)
-    assert binding["metadata"]["namespace"] == NAMESPACE
-    assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "Role",
-        "name": role["metadata"]["name"],
+def test_inferenceservice_wiring(render):
+    """The storage initializer's credentials: service account -> annotated, read-only Secret;
+    the predictor container itself holds none."""
+    docs = render("base")
+    isvc = shipped_isvc()
+    predictor = isvc["spec"]["predictor"]
+    container = predictor_container(isvc)
+    assert container["args"][:4] == ["--model_name", ISVC_NAME, "--model_dir", "/mnt/models"]
+    assert [e["name"] for e in container["env"]] == ["STORAGE_URI"]
+    account = only(docs, "ServiceAccount", predictor["serviceAccountName"])
+    (attached,) = account["secrets"]
+    secret = only(docs, "Secret", attached["name"])
+    s3 = {
+        k.removeprefix("serving.kserve.io/"): v
+        for k, v in secret["metadata"]["annotations"].items()
     }
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE}
-    ]
-
-
-def test_secrets_come_only_from_the_generated_env_file(rendered, credentials):
-    _, docs = rendered
-    generated = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    assert set(generated) == {"minio-credentials", "kserve-s3-credentials"}
-    for secret in generated.values():
-        decoded = {k: base64.b64decode(v).decode() for k, v in secret["data"].items()}
-        assert decoded == credentials
-        assert "stringData" not in secret
-    # the values appear nowhere else, and no container carries a literal credential
-    for doc in docs:
-        if doc["kind"] != "Secret":
-            text = yaml.safe_dump(doc)
-            for value in credentials.values():
-                assert value not in text, f"credential leaked into {doc['kind']}"
-    for doc in docs:
-        spec = doc.get("spec", {})
-        pod = spec.get("template", {}).get("spec") or spec.get("predictor") or {}
-        for container in pod.get("containers", []):
-            for env in container.get("env", []):
-                if re.search(r"SECRET|PASSWORD|ACCESS_KEY|TOKEN", env["name"]):
-                    assert "value" not in env and "valueFrom" in env, env["name"]
-
-
-def test_no_secret_values_are_committed():
-    for path in MANIFESTS.rglob("*.yaml"):
-        for doc in yaml.safe_load_all(path.read_text()):
-            if isinstance(doc, dict):
-                assert doc.get("kind") != "Secret", f"{path} holds a literal Secret"
-                for generator in doc.get("secretGenerator", []):
-                    assert set(generator) <= {"name", "envs", "options", "behavior", "type"}, (
-                        f"{path}: secrets must come from env files, not literals/files"
-                    )
-                    assert all(env.endswith(".env") for env in generator["envs"])
-    gitignore = (MANIFESTS / ".gitignore").read_text().split()
-    assert "*.env" in gitignore and "!*.env.example" in gitignore
-    example = (MANIFESTS / "base" / "minio.env.example").read_text()
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(
-        re.findall(r"^([A-Z_]+)=", example, re.M)
-    )
-    assert all("replace-me" in v for v in re.findall(r"^[A-Z_]+=(.*)$", example, re.M))
-    if shutil.which("git") and (REPO / ".git").exists():
-        ignored = subprocess.run(
-            ["git", "check-ignore", "-q", str(MANIFESTS / "base" / "minio.env")], cwd=REPO
-        )
-        assert ignored.returncode == 0, "manifests/base/minio.env is not git-ignored"
+    assert s3["s3-endpoint"] == f"minio.{NAMESPACE}.svc.cluster.local:9000"
+    assert s3["s3-usehttps"] == "0" and s3["s3-verifyssl"] == "0" and s3["s3-region"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["data"])
+    assert secret["metadata"]["name"] == "kserve-s3-credentials"  # the read-only user
 
 
 def test_kfp_launcher_points_at_minio(rendered):
@@ -332,10 +396,8 @@ def test_kfp_launcher_points_at_minio(rendered):
     launcher = only(docs, "ConfigMap", "kfp-launcher")["data"]
     root = re.fullmatch(r"s3://([a-z0-9.-]+)/pipeline-root", launcher["defaultPipelineRoot"])
     assert root, launcher["defaultPipelineRoot"]
-    job = only(docs, "Job", "minio-make-buckets")
-    job_env = {e["name"]: e for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
-    buckets = job_env["BUCKETS"]["value"].split()
-    assert root.group(1) in buckets and "models" in buckets
+    script = only(docs, "Job", "minio-setup")["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert re.search(rf"for bucket in .*\b{root.group(1)}\b.*\bmodels\b", script[0])
     s3 = yaml.safe_load(launcher["providers"])["s3"]["default"]
     service = only(docs, "Service", "minio")
     assert s3["endpoint"] == f"minio.{NAMESPACE}.svc.cluster.local:9000"
@@ -343,6 +405,7 @@ def test_kfp_launcher_points_at_minio(rendered):
     assert s3["disableSSL"] is True and s3["forcePathStyle"] is True
     assert s3["credentials"]["fromEnv"] is False
     ref = s3["credentials"]["secretRef"]
+    assert ref["secretName"] == "minio-credentials"  # the pipeline's user, not root
     secret = only(docs, "Secret", ref["secretName"])
     assert {ref["accessKeyKey"], ref["secretKeyKey"]} <= set(secret["data"])
 
@@ -355,89 +418,185 @@ def test_minio(rendered):
     pod = deployment["spec"]["template"]["spec"]
     image = pod["containers"][0]["image"]
     assert re.search(r":RELEASE\.\d{4}-\d{2}-\d{2}T", image), f"MinIO image not pinned: {image}"
-    claim = pod["volumes"][0]["persistentVolumeClaim"]["claimName"]
-    only(docs, "PersistentVolumeClaim", claim)
+    claims = [
+        v["persistentVolumeClaim"]["claimName"]
+        for v in pod["volumes"]
+        if "persistentVolumeClaim" in v
+    ]
+    only(docs, "PersistentVolumeClaim", claims[0])
     ports = {p["name"]: p["port"] for p in only(docs, "Service", "minio")["spec"]["ports"]}
     assert ports == {"s3": 9000, "console": 9001}
 
 
-def test_inferenceservice_wiring(rendered):
-    _, docs = rendered
-    isvc = only(docs, "InferenceService", ISVC_NAME)
-    predictor = isvc["spec"]["predictor"]
-    annotations = isvc["metadata"]["annotations"]
-    assert annotations["serving.kserve.io/enable-prometheus-scraping"] == "true"
-    assert annotations["prometheus.kserve.io/port"] == "8080"
-    assert annotations["prometheus.kserve.io/path"] == "/metrics"
-    container = predictor_container(isvc)
-    assert container["image"] == "ghcr.io/brain-mri-mlops/predictor:0.1.0"
-    env = {e["name"]: e for e in container["env"]}
-    assert env["STORAGE_URI"]["value"] == "s3://models/brain-mri-classifier/current"
-    assert env["S3_ENDPOINT"]["value"] == f"minio.{NAMESPACE}.svc.cluster.local:9000"
-    assert env["S3_USE_HTTPS"]["value"] == "0"
-    secret_names = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
-    for item in env.values():
-        ref = item.get("valueFrom", {}).get("secretKeyRef")
-        if ref:
-            assert ref["key"] in secret_names[ref["name"]]["data"]
-    # the storage initializer's credentials: service account -> annotated secret
-    account = only(docs, "ServiceAccount", predictor["serviceAccountName"])
-    assert account["metadata"]["name"] == "kserve-s3"
-    (attached,) = account["secrets"]
-    secret = secret_names[attached["name"]]
-    s3 = {
-        k.removeprefix("serving.kserve.io/"): v
-        for k, v in secret["metadata"]["annotations"].items()
+# -- pod security ----------------------------------------------------------------------------------
+def pod_specs(docs: list[dict]) -> dict[str, dict]:
+    """Every pod spec in ``docs`` (Deployments, Jobs, PyTorchJob replicas, the predictor)."""
+    pods = {}
+    for doc in docs:
+        spec, name = doc.get("spec") or {}, f"{doc['kind']}/{doc['metadata']['name']}"
+        if "template" in spec:
+            pods[name] = spec["template"]["spec"]
+        for replica, rs in (spec.get("pytorchReplicaSpecs") or {}).items():
+            pods[f"{name}/{replica}"] = rs["template"]["spec"]
+        if "predictor" in spec:
+            pods[name] = spec["predictor"]
+    return pods
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What the ``restricted`` Pod Security Standard (plus a read-only root) would refuse."""
+    problems = []
+    pod_context = pod.get("securityContext") or {}
+    for field in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(field):
+            problems.append(field)
+    for volume in pod.get("volumes") or []:
+        allowed = {"configMap", "emptyDir", "persistentVolumeClaim", "secret", "projected"}
+        if not set(volume) - {"name"} <= allowed:
+            problems.append(f"volume {volume['name']} type {set(volume) - {'name'}}")
+    for container in pod.get("containers", []) + pod.get("initContainers", []):
+        context = container.get("securityContext") or {}
+
+        def setting(key: str, context: dict = context) -> object:
+            return context.get(key, pod_context.get(key))
+
+        name = container["name"]
+        if setting("runAsNonRoot") is not True:
+            problems.append(f"{name}: runAsNonRoot")
+        if setting("runAsUser") == 0:
+            problems.append(f"{name}: runAsUser 0")
+        if context.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{name}: allowPrivilegeEscalation")
+        if context.get("privileged"):
+            problems.append(f"{name}: privileged")
+        capabilities = context.get("capabilities") or {}
+        if "ALL" not in (capabilities.get("drop") or []) or set(capabilities.get("add") or []) - {
+            "NET_BIND_SERVICE"
+        }:
+            problems.append(f"{name}: capabilities")
+        if (setting("seccompProfile") or {}).get("type") not in ("RuntimeDefault", "Localhost"):
+            problems.append(f"{name}: seccompProfile")
+        if context.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{name}: readOnlyRootFilesystem")
+        for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+            if probe in container and container[probe].get("timeoutSeconds", 1) < 3:
+                problems.append(f"{name}: {probe} timeoutSeconds")
+    return problems
+
+
+def test_every_pod_runs_restricted(render):
+    docs = render("base") + [shipped_isvc(), yaml.safe_load(SHIPPED_JOB.read_text())]
+    pods = pod_specs(docs)
+    assert {
+        "Deployment/minio",
+        "Job/minio-setup",
+        f"InferenceService/{ISVC_NAME}",
+        "PyTorchJob/brain-mri-train-<run-id>/Master",
+        "PyTorchJob/brain-mri-train-<run-id>/Worker",
+    } <= set(pods)
+    failing = {name: v for name, pod in pods.items() if (v := restricted_violations(pod))}
+    assert not failing, failing
+    # the checker itself catches the usual mistakes
+    bad = copy.deepcopy(pods["Deployment/minio"])
+    bad["containers"][0]["securityContext"].pop("readOnlyRootFilesystem")
+    bad["securityContext"]["runAsNonRoot"] = False
+    bad["containers"][0]["securityContext"]["runAsNonRoot"] = False
+    assert len(restricted_violations(bad)) == 2
+
+
+def test_the_namespace_audits_and_warns_restricted(render):
+    labels = only(render("base"), "Namespace", NAMESPACE)["metadata"]["labels"]
+    assert labels["pod-security.kubernetes.io/warn"] == "restricted"
+    assert labels["pod-security.kubernetes.io/audit"] == "restricted"
+    assert labels["pod-security.kubernetes.io/enforce"] in {"baseline", "restricted"}
+
+
+def test_only_the_clients_of_object_storage_reach_minio(render):
+    docs = render("base")
+    policy = only(docs, "NetworkPolicy", "minio-ingress")["spec"]
+    minio_labels = only(docs, "Deployment", "minio")["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= minio_labels.items()
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"port": 9000, "protocol": "TCP"}]  # never the console
+    selectors = [peer["podSelector"] for peer in rule["from"]]
+    assert {"matchLabels": {MINIO_CLIENT: "true"}} in selectors
+    assert {
+        "matchExpressions": [{"key": "serving.kserve.io/inferenceservice", "operator": "Exists"}]
+    } in selectors
+    # every pod that needs MinIO carries the label
+    setup = only(docs, "Job", "minio-setup")["spec"]["template"]["metadata"]["labels"]
+    job = yaml.safe_load(SHIPPED_JOB.read_text())["spec"]["pytorchReplicaSpecs"]
+    assert setup[MINIO_CLIENT] == "true"
+    assert all(r["template"]["metadata"]["labels"][MINIO_CLIENT] == "true" for r in job.values())
+    compiled = list(
+        yaml.safe_load_all((REPO / "pipelines" / "brain_mri_pipeline.yaml").read_text())
+    )
+    executors = compiled[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    with_storage = [e for e in executors.values() if "secretAsEnv" in e]
+    assert len(with_storage) == 4
+    assert all(e["podMetadata"]["labels"][MINIO_CLIENT] == "true" for e in with_storage)
+
+
+# -- RBAC ------------------------------------------------------------------------------------------
+@pytest.fixture()
+def code_verbs(kube_api, store, bucket, tmp_path) -> set[tuple[str, str, str]]:
+    """Every (group, resource, verb) the code asks of the API server: two promotions (create,
+    then patch), a failed one (rolled back), and a train step that creates a PyTorchJob and
+    then, retried, adopts it. The fake controller's own status writes are left out."""
+    from components.train_job import create_or_adopt, render_pytorch_job
+    from tests.kube_emulator import FakeKServe
+    from tests.test_promote import BROKEN_IMAGE, NAME, NAMESPACE, Rollouts, kserve_outcome, spec
+    from tests.test_train_job import job_spec, register_pytorchjobs
+
+    rollouts = Rollouts(store, bucket, kube_api, tmp_path)
+    with FakeKServe(kube_api, NAME, NAMESPACE, kserve_outcome):
+        rollouts.promote(1)
+        rollouts.promote(2)
+        with pytest.raises(Exception, match="roll"):
+            rollouts.promote(3, spec(BROKEN_IMAGE), wait_ready_timeout_s=3.0)
+    register_pytorchjobs(kube_api)
+    manifest = render_pytorch_job(job_spec())
+    create_or_adopt(manifest, kube_api.api_client())
+    create_or_adopt(manifest, kube_api.api_client())  # the retried task adopts it
+    return {v for v in kube_api.emulator.verbs if not v[1].endswith("/status")}
+
+
+def test_rbac_grants_exactly_the_verbs_the_code_uses(render, code_verbs):
+    """``code_verbs``: what promote (create, patch, roll back) and a multi-worker train step
+    (create, adopt, poll) asked of the emulated API server."""
+    docs = render("base")
+    assert not [d for d in docs if d["kind"] in {"ClusterRole", "ClusterRoleBinding"}]
+    role, binding = only(docs, "Role"), only(docs, "RoleBinding")
+    granted = set()
+    for rule in role["rules"]:
+        assert set(rule) <= {"apiGroups", "resources", "verbs"}  # no nonResourceURLs etc.
+        for value in (*rule["apiGroups"], *rule["resources"], *rule["verbs"]):
+            assert "*" not in value, f"wildcard in {rule}"
+        granted |= {
+            (g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]
+        }
+    assert granted == code_verbs, {"unused": granted - code_verbs, "missing": code_verbs - granted}
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
     }
-    assert s3["s3-endpoint"] == f"minio.{NAMESPACE}.svc.cluster.local:9000"
-    assert s3["s3-usehttps"] == "0"
-    assert s3["s3-verifyssl"] == "0"
-    assert s3["s3-region"]
-    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["data"])
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": "pipeline-runner", "namespace": NAMESPACE}
+    ]
 
 
 # -- overlays --------------------------------------------------------------------------------------
-def test_gpu_overlay_requests_a_gpu(render):
-    isvc = only(render("overlays/gpu"), "InferenceService", ISVC_NAME)
-    predictor = isvc["spec"]["predictor"]
-    resources = predictor_container(isvc)["resources"]
-    assert quantity(resources["limits"][GPU]) == 1
-    assert quantity(resources["requests"].get(GPU, resources["limits"][GPU])) == 1
-    assert {"key": GPU, "operator": "Exists", "effect": "NoSchedule"} in predictor["tolerations"]
-    assert predictor["nodeSelector"]
-    # the rest of the container survives the patch
-    assert predictor_container(isvc)["image"] == "ghcr.io/brain-mri-mlops/predictor:0.1.0"
-
-
-@pytest.mark.parametrize("name", ["base", "overlays/local"])
-def test_no_gpu_outside_the_gpu_overlay(render, name):
-    docs = render(name)
-    assert GPU not in yaml.safe_dump_all(docs)
-    assert "tolerations" not in only(docs, "InferenceService")["spec"]["predictor"]
-
-
 def test_local_overlay_is_small(render):
     base, local = render("base"), render("overlays/local")
-    isvc = only(local, "InferenceService", ISVC_NAME)
-    predictor = isvc["spec"]["predictor"]
-    assert predictor["minReplicas"] == predictor["maxReplicas"] == 1
-    assert isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "RawDeployment"
     assert only(local, "Deployment", "minio")["spec"]["replicas"] == 1
-
-    def dig(docs, kind, name, path):
-        node = only(docs, kind, name)
-        for key in path:
-            node = node[key]
-        return node
-
-    for kind, name, path in [
-        ("InferenceService", ISVC_NAME, ["spec", "predictor", "containers", 0, "resources"]),
-        ("Deployment", "minio", ["spec", "template", "spec", "containers", 0, "resources"]),
-    ]:
-        small, big = dig(local, kind, name, path), dig(base, kind, name, path)
-        for bound in ("requests", "limits"):
-            for resource in ("cpu", "memory"):
-                assert quantity(small[bound][resource]) <= quantity(big[bound][resource])
+    path = ["spec", "template", "spec", "containers", 0, "resources"]
+    small, big = only(local, "Deployment", "minio"), only(base, "Deployment", "minio")
+    for key in path:
+        small, big = small[key], big[key]
+    for bound in ("requests", "limits"):
+        for resource in ("cpu", "memory"):
+            assert quantity(small[bound][resource]) <= quantity(big[bound][resource])
     small_disk = only(local, "PersistentVolumeClaim", "minio-data")["spec"]["resources"]
     big_disk = only(base, "PersistentVolumeClaim", "minio-data")["spec"]["resources"]
     assert quantity(small_disk["requests"]["storage"]) < quantity(big_disk["requests"]["storage"])

@@ -195,6 +195,37 @@ def test_cli_compile_applies_the_cluster_flags(tmp_path: Path) -> None:
     assert not any("retryPolicy" in t for t in all_tasks(spec).values())
 
 
+def test_the_serving_policy_is_a_compile_time_constant(tmp_path: Path) -> None:
+    """serving_image stays a run parameter, but promote only deploys an image the compiled
+    allow-list names; the deployment mode and replicas come with it."""
+    out = tmp_path / "serving.yaml"
+    main(
+        [
+            "compile",
+            "--output",
+            str(out),
+            "--allowed-serving-image",
+            "registry.example/predictor:1",
+            "--allowed-serving-image",
+            "registry.example/predictor:2",
+            "--serving-deployment-mode",
+            "RawDeployment",
+            "--serving-max-replicas",
+            "1",
+        ]
+    )
+    spec = yaml.safe_load_all(out.read_text()).__next__()
+    promote = all_tasks(spec)["promote"]["inputs"]["parameters"]
+    policy = promote["serving_policy"]["runtimeValue"]["constant"]
+    assert policy["allowed_images"] == [
+        "registry.example/predictor:1",
+        "registry.example/predictor:2",
+    ]
+    assert policy["deployment_mode"] == "RawDeployment" and policy["max_replicas"] == 1
+    assert "serving_policy" not in spec["root"]["inputDefinitions"]["parameters"]  # not a knob
+    assert promote["serving_image"]["componentInputParameter"].endswith("serving_image")
+
+
 def test_build_pipeline_keeps_one_signature_for_every_option() -> None:
     default = build_pipeline().component_spec.inputs
     custom = build_pipeline(ClusterOptions(serving_image="r.example/p:1")).component_spec.inputs
