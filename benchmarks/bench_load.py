@@ -28,6 +28,8 @@ import http.client
 import json
 import os
 import platform
+import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -39,7 +41,14 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.common import REPO_ROOT, RESULTS_DIR, TRAINED_MODEL_DIR, load_images, write_json
+from benchmarks.common import (
+    REPO_ROOT,
+    RESULTS_DIR,
+    TRAINED_MODEL_DIR,
+    cpu_seconds,
+    load_images,
+    write_json,
+)
 from brainmri.inference_service import (
     MODEL_MOUNT_PATH,
     InferenceServiceSpec,
@@ -152,6 +161,14 @@ class LivenessProbe(threading.Thread):
             self.times.append((time.perf_counter() - started) * 1000)
 
 
+TRACE = re.compile(r"kserve\.io\.v[12]\.models\.\S+ ([0-9.]+) \['http_status:200'.*'time:wall'\]")
+
+
+def server_side_latencies(log: str) -> list[float]:
+    """The wall time (ms) of every 200 answer to an inference request, from the server's log."""
+    return [float(m.group(1)) * 1000 for m in TRACE.finditer(log)]
+
+
 def peak_rss_gb(pid: int) -> float:
     """The process's peak resident memory (VmHWM), in GB."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -193,16 +210,22 @@ def run_locust(
         "--stop-timeout",
         "30",
     ]
-    started = time.monotonic()
+    started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_CHILDREN)
+    server_before = cpu_seconds(server.process.pid)
     done = subprocess.run(
         command, env=env, capture_output=True, text=True, timeout=args.max_s + 120
     )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if not out.is_file():
         raise RuntimeError(
             f"locust wrote no result (exit {done.returncode}):\n{done.stderr[-3000:]}"
         )
     result = json.loads(out.read_text())
-    result["seconds"] = round(time.monotonic() - started, 1)
+    seconds = time.monotonic() - started
+    client_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    result["seconds"] = round(seconds, 1)
+    result["server_cores"] = round((cpu_seconds(server.process.pid) - server_before) / seconds, 2)
+    result["client_cores"] = round(client_cpu / seconds, 2)
     return result
 
 
@@ -222,6 +245,8 @@ def summarise(
     figures = {
         "requests": load["sent"],
         "seconds": load["seconds"],
+        "server_cores": load["server_cores"],  # CPU the server used, per second of the load
+        "client_cores": load["client_cores"],  # the same for locust, on the same machine
         "server_5xx": sum(n for _, s, n in statuses if s >= 500),
         "connection_errors": sum(n for _, s, n in statuses if s == 0),
         "valid_requests": valid_total,
@@ -258,6 +283,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--unloaded", type=int, default=200, help="requests measured unloaded")
     parser.add_argument("--out", type=Path, default=RESULT_PATH)
     parser.add_argument(
+        "--levers",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure the settings in LEVERS (half the requests each)",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="an extra server flag (repeat; to measure a lever: the figure is the shipped args)",
+    )
+    parser.add_argument(
         "--allow-stand-in",
         action="store_true",
         help="accept a model that is not a trained EfficientNet-Lite0 (smoke runs only; such "
@@ -284,13 +321,21 @@ def check_model(model_dir: Path, allow_stand_in: bool) -> ModelBundle:
     return bundle
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    bundle = check_model(args.model_dir, args.allow_stand_in)
-    server_args, container = container_args(args.model_dir)
-    args.max_payload_bytes = _flag_value(server_args, "--max_payload_bytes")
-    images, image_source = load_images(64)
-    load_before = os.getloadavg()
+LEVERS = {  # other admission and thread settings, measured in the same session (ratios compare)
+    "2 serving slots": ["--max_inflight_requests", "2"],
+    "3 serving slots": ["--max_inflight_requests", "3"],
+    "1 forward worker x 2 torch threads": ["--forward_workers", "1", "--torch_threads", "2"],
+}
+
+
+def measure(
+    args: argparse.Namespace,
+    server_args: list[str],
+    images: list[bytes],
+    image_size: int,
+    requests_count: int,
+) -> tuple[dict[str, Any], dict[str, Any], str]:
+    """One load run against a fresh server: (result, load outcomes, server log tail)."""
     with tempfile.TemporaryDirectory(prefix="bench-load-") as tmp:
         image_dir = Path(tmp) / "images"
         image_dir.mkdir()
@@ -301,21 +346,50 @@ def main(argv: list[str] | None = None) -> int:
             unloaded = unloaded_latency(server.port, images, args.unloaded)
             probe = LivenessProbe(server.port)
             probe.start()
-            load = run_locust(
-                server, args, image_dir, bundle.preprocess.image_size, Path(tmp) / "out.json"
-            )
+            run = argparse.Namespace(**{**vars(args), "requests": requests_count})
+            load = run_locust(server, run, image_dir, image_size, Path(tmp) / "out.json")
             probe.stopped.set()
             probe.join()
-            result = summarise(load, unloaded, server, memory_limit_gb(container))
-            server_log_tail = server.log_tail(2000)
-    result["figures"]["liveness_probes"] = {
+            result = summarise(load, unloaded, server, memory_limit_gb(args.container))
+            tail = server.log_tail(2000)
+            server_side = server_side_latencies(log_path.read_text(errors="replace"))
+    figures = result["figures"]
+    figures["liveness_probes"] = {
         "probes": len(probe.times),
         "failures": len(probe.failures),
         **{k: v for k, v in percentiles(probe.times).items() if k != "count"},
     }
     result["goals_met"]["liveness_never_failed"] = not probe.failures
+    # the server's own timing of its 200 answers (KServe's outermost timing middleware: from
+    # the request's arrival to its answer), to tell the server's time from the client's
+    figures["server_side_answered"] = percentiles(server_side[-figures["valid_answered"] :])
+    return result, load, tail
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    bundle = check_model(args.model_dir, args.allow_stand_in)
+    server_args, args.container = container_args(args.model_dir)
+    server_args += args.server_arg
+    args.max_payload_bytes = _flag_value(server_args, "--max_payload_bytes")
+    images, image_source = load_images(64)
+    load_before = os.getloadavg()
+    size = bundle.preprocess.image_size
+    result, load, server_log_tail = measure(args, server_args, images, size, args.requests)
+    levers = {}
+    for name, extra in LEVERS.items() if args.levers else ():
+        lever, _, _ = measure(args, server_args + extra, images, size, args.requests // 2)
+        keys = ("valid_answered", "valid_shed_429", "server_5xx", "seconds", "server_cores")
+        levers[name] = {
+            "server_args_added": extra,
+            **{k: lever["figures"][k] for k in keys},
+            "unloaded_p99_ms": lever["figures"]["unloaded"]["p99_ms"],
+            "loaded_valid": lever["figures"]["loaded_valid"],
+            "loaded_p99_over_unloaded_p99": lever["figures"]["loaded_p99_over_unloaded_p99"],
+        }
     result.update(
         {
+            "levers": levers,
             "outcomes_by_kind": load["outcomes"],
             "connection_errors_by_kind": load["errors"],
             "server_args": server_args,
@@ -328,6 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             },
             "images": image_source,
             "users": args.users,
+            "clients_honour_retry_after": True,
             "machine": {
                 "cpus": os.cpu_count(),
                 "platform": platform.platform(),

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from kserve import InferInput, InferRequest
 
-from benchmarks.common import RESULTS_DIR, load_images, write_json
+from benchmarks.common import RESULTS_DIR, cpu_seconds, load_images, write_json
 from brainmri import CLASS_NAMES
 from brainmri.cpu import cpu_budget
 from brainmri.images import PreprocessConfig, decode_image
@@ -213,12 +213,6 @@ def server_threads(log_path: Path) -> str:
     """The server's own report of its thread pools (from its log)."""
     found = re.search(r"\d+ forward pass\S* at once.*decode thread\S*", log_path.read_text())
     return found.group(0) if found else "unknown"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def drive(

@@ -146,3 +146,9 @@ def load_images(count: int) -> tuple[list[bytes], str]:
         Image.fromarray(pixels, mode="L").save(buffer, "JPEG", quality=90)
         images.append(buffer.getvalue())
     return images, "synthetic 512 px JPEG slices (brainmri.demo_data)"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` (all its threads), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -6,8 +6,12 @@ malformed JSON, bad base64, non-images, decompression bombs, oversize payloads, 
 shapes and ``-1`` batches. Every outcome is recorded by kind and status (0: no answer, with
 the error) and written as JSON when the run stops, after ``LOAD_REQUESTS`` requests.
 
+A client whose valid request is shed waits the ``Retry-After`` it was given (as the 429 asks;
+``LOAD_HONOUR_RETRY_AFTER=0`` turns that off); hostile requests never wait.
+
 Configured by the environment: ``LOAD_REQUESTS``, ``LOAD_RESULT`` (JSON path), ``LOAD_IMAGES``
-(a folder of encoded images), and what :mod:`benchmarks.load_requests` reads.
+(a folder of encoded images), ``LOAD_HONOUR_RETRY_AFTER``, and what
+:mod:`benchmarks.load_requests` reads.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from locust import FastHttpUser, constant, events, task
 from benchmarks.load_requests import requests_by_kind
 
 TOTAL = int(os.environ.get("LOAD_REQUESTS", "10000"))
+HONOUR_RETRY_AFTER = os.environ.get("LOAD_HONOUR_RETRY_AFTER", "1") == "1"
 MIX = {  # kind: weight
     "valid_v1": 45,
     "valid_v2_binary": 10,
@@ -87,6 +92,9 @@ class MixedTraffic(FastHttpUser):
             if kind in VALID and status == 200:
                 latencies_ms[kind].append(round(elapsed_ms, 2))
             response.success()  # outcomes are judged by the benchmark, not by locust
+            retry_after = response.headers.get("retry-after") if status == 429 else None
+        if retry_after and kind in VALID and HONOUR_RETRY_AFTER:
+            gevent.sleep(float(retry_after))  # a well-behaved client; the hostile ones never wait
 
 
 @events.quitting.add_listener

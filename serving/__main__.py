@@ -40,6 +40,7 @@ from serving.surface import (
     RestFrontMiddleware,
     ServingDataPlane,
     close_model_repository,
+    quiet_refusals,
 )
 
 DEFAULT_MAX_INFLIGHT_BYTES = 256 * 1024 * 1024
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         help="Most requests with a body served at once; beyond it HTTP 429 with Retry-After "
-        "(shed, not queued). Default: the forward workers plus one.",
+        "(shed, not queued). Default: half the forward workers, at least one (the rest of the "
+        "CPU decodes, refuses bad input and answers probes; bench-load measures the others).",
     )
     limits.add_argument(
         "--max_inflight_bytes",
@@ -236,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     app.add_middleware(RestFrontMiddleware, served_version=lambda: model.model_version)
     limits = AdmissionLimits(
         max_payload_bytes=args.max_payload_bytes,
-        max_inflight_requests=args.max_inflight_requests or model.forward_workers + 1,
+        max_inflight_requests=args.max_inflight_requests or max(1, model.forward_workers // 2),
         max_inflight_bytes=args.max_inflight_bytes,
         body_timeout_s=args.body_timeout_s,
     )
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     names = inspect.signature(ModelServer).parameters
     server = ModelServer(**{name: getattr(args, name) for name in names if hasattr(args, name)})
     server.dataplane = ServingDataPlane(model_registry=server.registered_models)
+    quiet_refusals(app)
     if not args.enable_model_repository_api:
         close_model_repository(server, app)
     server.start([model])

@@ -275,7 +275,7 @@ class BrainMRIModel(Model):
             else:
                 tensors.append(outcome)
         if errors:
-            raise InvalidInput(protocol.summarise(errors))
+            raise protocol.BadRequest(protocol.summarise(errors))
         return torch.stack(tensors)
 
     def _prepare_one(self, item: protocol.Encoded) -> torch.Tensor:

@@ -23,7 +23,7 @@ KServe (:func:`read_binary_extension`): every size, shape and element is checked
 elements become base64 strings in the JSON, so the reference client's binary images and its
 JSON ones reach the model alike.
 
-Every refusal is :class:`kserve.errors.InvalidInput`, which KServe answers with HTTP 400 (gRPC
+Every refusal is a :class:`BadRequest` (a :class:`kserve.errors.InvalidInput`): HTTP 400 (gRPC
 INVALID_ARGUMENT), naming each offending instance and what was expected.
 """
 
@@ -73,6 +73,11 @@ V1_INSTANCE = '{"image_bytes": {"b64": "<base64>"}}'
 V1_EXAMPLE = f'{{"instances": [{V1_INSTANCE}]}}'
 
 
+class BadRequest(InvalidInput):
+    """A refused request: HTTP 400 (gRPC INVALID_ARGUMENT) with the reason, logged as one line
+    (KServe's own handler logs every refusal as an error with its traceback)."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """What one request may hold (each a server flag)."""
@@ -97,7 +102,7 @@ def check_declared_size(headers: dict[str, str] | None, limits: Limits) -> None:
     before the body is read; this covers requests that reach the model another way)."""
     declared = (headers or {}).get("content-length", "")
     if declared.isdigit() and int(declared) > limits.max_payload_bytes:
-        raise InvalidInput(
+        raise BadRequest(
             f"the request body is {declared} bytes, more than the server's limit of "
             f"{limits.max_payload_bytes} bytes (--max_payload_bytes); "
             "send fewer or smaller images per request"
@@ -106,9 +111,9 @@ def check_declared_size(headers: dict[str, str] | None, limits: Limits) -> None:
 
 def check_batch_size(count: int, what: str, limits: Limits) -> None:
     if count == 0:
-        raise InvalidInput(f"{what} is empty: send at least one image")
+        raise BadRequest(f"{what} is empty: send at least one image")
     if count > limits.max_batch_size:
-        raise InvalidInput(
+        raise BadRequest(
             f"{what} holds {count} images, more than the limit of "
             f"{limits.max_batch_size} per request (--max_batch_size); "
             "split it into smaller requests"
@@ -141,19 +146,19 @@ def json_type(value: Any) -> str:
 def v1_encoded_images(body: Any, limits: Limits) -> list[Encoded]:
     """The base64 strings of a v1 body (a :class:`Problem` for each malformed instance)."""
     if isinstance(body, bytes | bytearray | str):
-        raise InvalidInput(
+        raise BadRequest(
             "request body must be JSON sent with Content-Type: application/json, "
             f"for example {V1_EXAMPLE}"
         )
     if not isinstance(body, dict):
-        raise InvalidInput(
+        raise BadRequest(
             f"request body must be a JSON object, got {json_type(body)}; expected {V1_EXAMPLE}"
         )
     if "instances" not in body:
-        raise InvalidInput(f"request has no 'instances' field; expected {V1_EXAMPLE}")
+        raise BadRequest(f"request has no 'instances' field; expected {V1_EXAMPLE}")
     instances = body["instances"]
     if not isinstance(instances, list):
-        raise InvalidInput(f"'instances' must be a list, got {json_type(instances)}")
+        raise BadRequest(f"'instances' must be a list, got {json_type(instances)}")
     check_batch_size(len(instances), "'instances'", limits)
     return [_v1_instance(instance) for instance in instances]
 
@@ -199,13 +204,13 @@ def v2_input(request: InferRequest, image_size: int) -> Any:
     """The request's one input, BYTES or FP32 (anything else is refused, saying what to send)."""
     if len(request.inputs) != 1:
         names = [inp.name for inp in request.inputs]
-        raise InvalidInput(
+        raise BadRequest(
             f"expected exactly one input (BYTES '{IMAGE_KEY}': encoded images, or FP32 "
             f"'{PIXELS_INPUT}': preprocessed tensors), got {len(names)}: {names}"
         )
     tensor = request.inputs[0]
     if tensor.datatype not in ("BYTES", "FP32"):
-        raise InvalidInput(
+        raise BadRequest(
             f"input '{tensor.name}' has datatype {tensor.datatype}; expected BYTES (encoded "
             f"images, base64 strings over REST) or FP32 (preprocessed tensors of shape "
             f"{pixels_shape(image_size)})"
@@ -218,12 +223,12 @@ def declared_shape(tensor: Any) -> list[int]:
     the data's real size must be declared, or it could bypass --max_batch_size)."""
     shape = tensor.shape if isinstance(tensor.shape, list | tuple) else None
     if not shape or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise InvalidInput(
+        raise BadRequest(
             f"input '{tensor.name}' has shape {tensor.shape}; expected a list of "
             "non-negative integers"
         )
     if any(d < 0 for d in shape):
-        raise InvalidInput(
+        raise BadRequest(
             f"input '{tensor.name}' has shape {list(shape)}: a negative dimension is not "
             "allowed in a request; send the real number of images"
         )
@@ -239,27 +244,25 @@ def v2_encoded_images(tensor: Any, limits: Limits) -> list[str | bytes]:
     (REST) or raw ``bytes`` (gRPC)."""
     shape = declared_shape(tensor)
     if len(shape) > 2 or (len(shape) == 2 and shape[1] != 1):
-        raise InvalidInput(
+        raise BadRequest(
             f"input '{tensor.name}' has shape {shape}; expected [N]: one encoded image each"
         )
     check_batch_size(shape[0], f"input '{tensor.name}'", limits)
     try:
         items = tensor.as_numpy().reshape(-1).tolist()
     except (ValueError, TypeError, InvalidInput) as err:
-        raise InvalidInput(
+        raise BadRequest(
             f"input '{tensor.name}': data does not fit shape {tensor.shape} ({err})"
         ) from err
     if len(items) != shape[0]:
-        raise InvalidInput(
-            f"input '{tensor.name}' declares {shape[0]} images but holds {len(items)}"
-        )
+        raise BadRequest(f"input '{tensor.name}' declares {shape[0]} images but holds {len(items)}")
     bad = [
         f"{tensor.name}[{i}] must be a string or bytes, got {json_type(item)}"
         for i, item in enumerate(items)
         if not isinstance(item, str | bytes)
     ]
     if bad:
-        raise InvalidInput(summarise(bad))
+        raise BadRequest(summarise(bad))
     return items
 
 
@@ -267,7 +270,7 @@ def v2_pixels(tensor: Any, image_size: int, limits: Limits) -> torch.Tensor:
     """A preprocessed FP32 input as the network's batch, after checking its shape."""
     shape = declared_shape(tensor)
     if len(shape) != 4 or shape[1:] != [3, image_size, image_size]:
-        raise InvalidInput(
+        raise BadRequest(
             f"input '{tensor.name}' has shape {tensor.shape}; expected "
             f"{pixels_shape(image_size)}: N images, 3 channels, {image_size}x{image_size} "
             "pixels, preprocessed as in training"
@@ -276,11 +279,11 @@ def v2_pixels(tensor: Any, image_size: int, limits: Limits) -> torch.Tensor:
     try:
         array = np.asarray(tensor.as_numpy(), dtype=np.float32).reshape(shape)
     except (ValueError, TypeError, InvalidInput) as err:
-        raise InvalidInput(
+        raise BadRequest(
             f"input '{tensor.name}': data does not fit shape {tensor.shape} ({err})"
         ) from err
     if not np.isfinite(array).all():
-        raise InvalidInput(f"input '{tensor.name}' holds NaN or infinite values")
+        raise BadRequest(f"input '{tensor.name}' holds NaN or infinite values")
     return torch.from_numpy(np.ascontiguousarray(array))
 
 
@@ -319,24 +322,24 @@ def read_binary_extension(body: bytes, header_length: str) -> tuple[bytes, int |
     UTF-8); fixed-size data (FP32) stays binary. Returns the new body and the length of its
     JSON part, or None when nothing binary is left (a plain JSON body)."""
     if not header_length.strip().isdigit():
-        raise InvalidInput(
+        raise BadRequest(
             f"header '{BINARY_HEADER}' must be the byte length of the JSON part of the body, "
             f"got {header_length!r}"
         )
     json_length = int(header_length)
     if not 0 < json_length <= len(body):
-        raise InvalidInput(
+        raise BadRequest(
             f"header '{BINARY_HEADER}' says the JSON part is {json_length} bytes, but the body "
             f"is {len(body)} bytes"
         )
     try:
         request = json.loads(body[:json_length])
     except (ValueError, UnicodeDecodeError) as err:
-        raise InvalidInput(
+        raise BadRequest(
             f"the first {json_length} bytes of the body ('{BINARY_HEADER}') are not JSON: {err}"
         ) from err
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
-        raise InvalidInput(
+        raise BadRequest(
             "the JSON part of a binary request must be an object with an 'inputs' list"
         )
     offset, kept = json_length, []
@@ -345,7 +348,7 @@ def read_binary_extension(body: bytes, header_length: str) -> tuple[bytes, int |
         if size is None:
             continue  # its data is in the JSON; the model checks it
         if offset + size > len(body):
-            raise InvalidInput(
+            raise BadRequest(
                 f"input '{tensor['name']}': binary_data_size {size} runs past the end of the "
                 f"body ({len(body) - offset} bytes left): truncated request"
             )
@@ -354,7 +357,7 @@ def read_binary_extension(body: bytes, header_length: str) -> tuple[bytes, int |
         if _inline_or_check(tensor, raw):
             kept.append(raw)
     if offset != len(body):
-        raise InvalidInput(
+        raise BadRequest(
             f"{len(body) - offset} bytes follow the inputs' binary data "
             "(parameters.binary_data_size of each input must add up to the rest of the body)"
         )
@@ -365,13 +368,13 @@ def read_binary_extension(body: bytes, header_length: str) -> tuple[bytes, int |
 def _binary_size(tensor: Any, index: int) -> int | None:
     """The input's ``binary_data_size`` (checked), or None when its data is inline."""
     if not isinstance(tensor, dict) or not isinstance(tensor.get("name"), str):
-        raise InvalidInput(f"inputs[{index}] must be an object with a string 'name'")
+        raise BadRequest(f"inputs[{index}] must be an object with a string 'name'")
     parameters = tensor.get("parameters")
     if not isinstance(parameters, dict) or "binary_data_size" not in parameters:
         return None
     size = parameters["binary_data_size"]
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise InvalidInput(
+        raise BadRequest(
             f"input '{tensor['name']}': binary_data_size must be a byte count, got {size!r}"
         )
     return size
@@ -385,7 +388,7 @@ def _inline_or_check(tensor: dict[str, Any], raw: bytes) -> bool:
     if datatype == "BYTES":
         elements = _bytes_elements(raw, name)
         if len(elements) != count:
-            raise InvalidInput(
+            raise BadRequest(
                 f"input '{name}': shape {tensor['shape']} needs {count} elements, its binary "
                 f"BYTES data holds {len(elements)}"
             )
@@ -393,9 +396,9 @@ def _inline_or_check(tensor: dict[str, Any], raw: bytes) -> bool:
         del tensor["parameters"]["binary_data_size"]
         return False
     if datatype not in ELEMENT_BYTES:
-        raise InvalidInput(f"input '{name}' has datatype {datatype!r}; expected BYTES or FP32")
+        raise BadRequest(f"input '{name}' has datatype {datatype!r}; expected BYTES or FP32")
     if len(raw) != count * ELEMENT_BYTES[datatype]:
-        raise InvalidInput(
+        raise BadRequest(
             f"input '{name}': shape {tensor['shape']} of {datatype} needs "
             f"{count * ELEMENT_BYTES[datatype]} bytes, binary_data_size is {len(raw)}"
         )
@@ -427,11 +430,11 @@ def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise InvalidInput(f"input '{name}': truncated BYTES element length at byte {offset}")
+            raise BadRequest(f"input '{name}': truncated BYTES element length at byte {offset}")
         (length,) = struct.unpack_from("<I", raw, offset)
         offset += 4
         if offset + length > len(raw):
-            raise InvalidInput(
+            raise BadRequest(
                 f"input '{name}': BYTES element {len(elements)} says {length} bytes, "
                 f"{len(raw) - offset} are left: truncated"
             )

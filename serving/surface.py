@@ -25,11 +25,12 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from grpc_interceptor.exceptions import PermissionDenied
 from kserve.errors import InvalidInput
+from kserve.logging import logger
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.model_repository_extension import ModelRepositoryExtension
 
 from serving.limits import ASGIApp, Receive, Scope, Send, header, replay, respond
-from serving.protocol import BINARY_HEADER, read_binary_extension
+from serving.protocol import BINARY_HEADER, BadRequest, read_binary_extension
 
 REPOSITORY_FLAG = "--enable_model_repository_api"
 VERSIONED = re.compile(r"^(?P<model>/v2/models/[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$")
@@ -57,8 +58,20 @@ class ClosedModelRepository(ModelRepositoryExtension):
         raise RepositoryApiDisabled()
 
 
+async def bad_request_handler(request: Any, exc: BadRequest) -> JSONResponse:
+    """A refused request: 400 with its reason, and one log line (no traceback)."""
+    logger.info("400 %s %s: %s", request.method, request.url.path, exc.reason)
+    return JSONResponse(status_code=400, content={"error": exc.reason})
+
+
 async def repository_disabled_handler(_: Any, exc: RepositoryApiDisabled) -> JSONResponse:
     return JSONResponse(status_code=403, content={"error": exc.details})
+
+
+def quiet_refusals(app: FastAPI) -> None:
+    """Answer :class:`BadRequest` without KServe's error-level traceback per bad request
+    (under a flood of bad input, formatting them cost more than refusing)."""
+    app.add_exception_handler(BadRequest, bad_request_handler)
 
 
 def close_model_repository(server: Any, app: FastAPI) -> None:

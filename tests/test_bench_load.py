@@ -20,7 +20,7 @@ def test_bench_load_smoke(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="trained EfficientNet-Lite0"):
         bench_load.main(["--model-dir", str(bundle)])
     out = tmp_path / "load.json"
-    args = ["--model-dir", str(bundle), "--allow-stand-in", "--requests", "400", "--users", "8"]
+    args = ["--model-dir", str(bundle), "--allow-stand-in", "--requests", "400", "--no-levers"]
     assert bench_load.main([*args, "--unloaded", "10", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     figures = result["figures"]
