@@ -428,13 +428,21 @@ def test_overload_is_shed_with_429_while_liveness_holds(server: ServerProcess) -
     assert max(live_times) < 2.0
 
 
+def read_until_closed(sock: socket.socket) -> str:
+    """Everything the peer sends until it closes (headers and body may arrive apart)."""
+    chunks = []
+    while chunk := sock.recv(4096):
+        chunks.append(chunk)
+    return b"".join(chunks).decode()
+
+
 def test_a_slow_body_gets_408_and_an_oversize_one_an_answer(server: ServerProcess) -> None:
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(
             f"POST /v1/models/{MODEL}:predict HTTP/1.1\r\nHost: x\r\n"
             "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{".encode()
         )
-        answer = sock.recv(4096).decode()  # waits for the deadline
+        answer = read_until_closed(sock)  # waits for the deadline; the server closes
     assert answer.startswith("HTTP/1.1 408") and f"within {BODY_TIMEOUT_S:g} s" in answer
     big = b"x" * (MAX_PAYLOAD + 1000)  # sent whole; answered, not reset
     response = requests.post(
