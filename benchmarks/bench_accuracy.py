@@ -3,6 +3,7 @@ default recipe trained with several seeds.
 
     python -m benchmarks.bench_accuracy                  # 3 training seeds on one grouped split
     python -m benchmarks.bench_accuracy --kfold 5        # also grouped 5-fold out-of-fold accuracy
+    python -m benchmarks.bench_accuracy --kfold 3 --seeds --out results/accuracy_kfold3.json
     python -m benchmarks.bench_accuracy --smoke          # a minute-long check that everything runs
     python -m benchmarks.compare A.json B.json           # two recipes, paired (McNemar)
 
@@ -80,7 +81,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--test-fraction", type=float, default=TEST_FRACTION)
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (train.seed)"
+        "--seeds",
+        type=int,
+        nargs="*",
+        default=[0, 1, 2],
+        help="training seeds (train.seed); none with --kfold: the k-fold alone",
     )
     parser.add_argument(
         "--kfold", type=int, default=0, help="also K-fold grouped out-of-fold accuracy (0: no)"
@@ -97,6 +102,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_flags(parser, TrainConfig(), "training (TrainConfig)")
     add_flags(parser, AugmentConfig(), "augmentation (AugmentConfig)")
     args = parser.parse_args(argv)
+    if not args.seeds and not args.kfold:
+        parser.error("--seeds names no seed and --kfold is 0: nothing to measure")
     values = vars(args)
     args.train, args.augment = pop_flags(values, TrainConfig()), pop_flags(values, AugmentConfig())
     if args.smoke:
@@ -236,10 +243,40 @@ def mean_sd(values: list[float]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Prepare, train and score every seed, compare with the bare loop (and k-fold): the result
-    record (long: it is the JSON's schema, written out as literals)."""
+    """Prepare the data, then train and score every seed against the bare loop, and (with
+    ``--kfold``) every fold: the result record."""
     started = time.perf_counter()
     report, dataset, split = prepare(args, work)
+    record: dict[str, Any] = {
+        "benchmark": "accuracy",
+        "smoke": bool(args.smoke),
+        "finished_at": "",
+    }
+    if args.seeds:
+        record |= seeds_record(args, work, dataset, split)
+    if args.kfold:
+        record["kfold"] = kfold(args, work, dataset, split)
+    record["data"] = data_record(args, report, dataset, split)
+    record["training"] = {"config": to_dict(args.train), "augment": to_dict(args.augment)}
+    device = pick_device(args.train.device)
+    record["environment"] = {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+    record["finished_at"] = datetime.now(UTC).isoformat(timespec="seconds")
+    record["wall_minutes"] = (time.perf_counter() - started) / 60
+    return record
+
+
+def seeds_record(
+    args: argparse.Namespace, work: Path, dataset: Path, split: pd.DataFrame
+) -> dict[str, Any]:
+    """Every training seed trained and scored on the one grouped split, next to the bare loop
+    (long: it is the JSON's schema, written out as literals)."""
     seeds = []
     for seed in args.seeds:
         result, evaluation = train_seed(args, work, dataset, work / "split.csv", seed)
@@ -250,11 +287,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     minutes = [r.training_seconds / 60 for _, r, _ in seeds]
     accuracy = mean_sd([e.accuracy for _, _, e in seeds])
     test_paths = seeds[0][2].predictions["path"].tolist()
-    device = pick_device(args.train.device)
-    record = {
-        "benchmark": "accuracy",
-        "smoke": bool(args.smoke),
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    return {
         "accuracy": accuracy,
         "errors": mean_sd([float(e.errors) for _, _, e in seeds]),
         "balanced_accuracy": mean_sd([e.balanced_accuracy for _, _, e in seeds]),
@@ -291,37 +324,45 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             "training_minutes": max(minutes) <= GOALS["training_minutes"],
             "throughput_ratio": images_per_s / bare["images_per_s"] >= GOALS["throughput_ratio"],
         },
-        "data": {
-            "source": str(args.data),
-            "limit_per_class": args.limit_per_class or None,
-            "files_seen": report.files_seen,
-            "quarantined": len(report.quarantined),
-            "duplicates_removed_by_ingest": len(report.duplicates),
-            "label_conflicts": len(report.label_conflicts),
-            "near_duplicates": {k: v for k, v in report.near_duplicates.items() if k != "samples"},
-            "fingerprint": report.fingerprint,
-            "split_fractions": {"val": args.val_fraction, "test": args.test_fraction},
-            "split_seed": args.split_seed,
-            "split_sizes": {k: int(v) for k, v in split["split"].value_counts().items()},
-            "leakage": leakage(split, read_near_pairs(dataset)),
-        },
-        "training": {"config": to_dict(args.train), "augment": to_dict(args.augment)},
-        "environment": {
-            "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-        },
     }
-    if args.kfold:
-        record["kfold"] = kfold(args, work, dataset, split)
-    record["wall_minutes"] = (time.perf_counter() - started) / 60
-    return record
+
+
+def data_record(
+    args: argparse.Namespace, report: IngestReport, dataset: Path, split: pd.DataFrame
+) -> dict[str, Any]:
+    """What was trained on: the ingest's counts, the split and its leakage."""
+    return {
+        "source": str(args.data),
+        "limit_per_class": args.limit_per_class or None,
+        "files_seen": report.files_seen,
+        "quarantined": len(report.quarantined),
+        "duplicates_removed_by_ingest": len(report.duplicates),
+        "label_conflicts": len(report.label_conflicts),
+        "near_duplicates": {k: v for k, v in report.near_duplicates.items() if k != "samples"},
+        "fingerprint": report.fingerprint,
+        "split_fractions": {"val": args.val_fraction, "test": args.test_fraction},
+        "split_seed": args.split_seed,
+        "split_sizes": {k: int(v) for k, v in split["split"].value_counts().items()},
+        "leakage": leakage(split, read_near_pairs(dataset)),
+    }
 
 
 def summary(result: dict[str, Any]) -> str:
+    """The figures a reader wants, one line each."""
+    lines = [f"leakage           {result['data']['leakage']}"]
+    if "seeds" in result:
+        lines += seeds_summary(result)
+    if "kfold" in result:
+        oof = result["kfold"]["out_of_fold"]
+        lines.append(
+            f"{result['kfold']['folds']}-fold OOF        {oof['accuracy']:.4f} "
+            f"[{oof['accuracy_ci'][0]:.4f}, {oof['accuracy_ci'][1]:.4f}] {oof['errors']} errors "
+            f"of {oof['images']}; per fold {result['kfold']['fold_accuracy']}"
+        )
+    return "\n".join(lines)
+
+
+def seeds_summary(result: dict[str, Any]) -> list[str]:
     met = result["goals_met"]
 
     def mark(ok: bool) -> str:
@@ -329,7 +370,7 @@ def summary(result: dict[str, Any]) -> str:
 
     lines = [
         f"test images       {result['test_images']} (grouped: no copy or neighbour of a test "
-        f"image trained on; leakage {result['data']['leakage']})"
+        "image trained on)"
     ]
     for run in result["seeds"]:
         low, high = run["accuracy_ci"]
@@ -341,7 +382,7 @@ def summary(result: dict[str, Any]) -> str:
             f"{run['errors']} errors; recall (errors) {recall}; {run['training_minutes']:.1f} min"
         )
     accuracy = result["accuracy"]
-    lines += [
+    return lines + [
         f"accuracy          {accuracy['mean']:.4f} ± {accuracy['sd']:.4f} over "
         f"{len(result['seeds'])} seeds [goal >= {GOALS['accuracy_mean']}: "
         f"{mark(met['accuracy_mean'])}]",
@@ -351,14 +392,6 @@ def summary(result: dict[str, Any]) -> str:
         f"the bare torchvision loop ({result['throughput_ratio_same_memory_format']:.2f}x in "
         f"channels-last) [goal >= 0.9: {mark(met['throughput_ratio'])}]",
     ]
-    if "kfold" in result:
-        oof = result["kfold"]["out_of_fold"]
-        lines.append(
-            f"{result['kfold']['folds']}-fold OOF     {oof['accuracy']:.4f} "
-            f"[{oof['accuracy_ci'][0]:.4f}, {oof['accuracy_ci'][1]:.4f}] {oof['errors']} errors "
-            f"of {oof['images']}"
-        )
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

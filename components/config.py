@@ -39,8 +39,9 @@ def knob(default: Any, help: str) -> Any:  # noqa: A002 - argparse's word for it
 class TrainConfig:
     """Every training knob; the defaults are the real-data recipe, the pipeline's default.
 
-    Measured on the 5,712-image public set (duplicate-free held-out test split, 2 CPU cores):
-    99.0 % (split seed 0, benchmarks/results/accuracy.json) and 98.3 % (seed 1), 33-36 min.
+    Measured on the 5,712-image public set, on a test split holding no copy or neighbour of a
+    training image (benchmarks/results/accuracy.json, 2 CPU cores): 98.39 % ± 0.00 over 3
+    training seeds (9 errors of 559), about 30 min each.
     """
 
     backbone: str = knob("efficientnet_lite0", f"network family: {', '.join(BACKBONES)}")
@@ -252,6 +253,15 @@ def describe(cls: type) -> str:
 def _default(item: Field) -> Any:
     return item.default if item.default is not MISSING else item.default_factory()
 
+
+# The test accuracy a first model must reach before it may be promoted. Set from the measured
+# recipe (benchmarks/results/accuracy.json): TrainConfig() scores 98.39 % ± 0.00
+# over 3 training seeds on the grouped split of the shared data (9 errors in 559 images, Wilson
+# 95 % interval [96.97 %, 99.15 %]); the threshold sits just under that interval's lower end, so a
+# model as good as the recipe passes and one that makes twice its errors (~96.8 %) does not.
+PROMOTION_THRESHOLD = 0.96
+# the generated demo set is small and synthetic: `make run`'s tiny CNN faces this one instead
+DEMO_THRESHOLD = 0.9
 
 # what `make run` trains on the generated demo set: a small CNN, in seconds
 DEMO_TRAINING = TrainConfig(backbone="tiny_cnn", image_size=64, epochs=15)

@@ -16,6 +16,7 @@ from kfp.dsl.graph_component import GraphComponent
 
 from components import kfp_components as step
 from components.config import (
+    PROMOTION_THRESHOLD,
     TEST_FRACTION,
     VAL_FRACTION,
     AugmentConfig,
@@ -79,7 +80,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
         strict_class_folders: bool = False,
         copy_threshold: float = NearDuplicateThresholds().copy,
         neighbour_threshold: float = NearDuplicateThresholds().neighbour,
-        threshold: float = 0.9,
+        threshold: float = PROMOTION_THRESHOLD,
         tolerance: float = 0.005,
         max_recall_drop: float = 0.02,
         model_name: str = "brain-mri-classifier",

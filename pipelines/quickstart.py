@@ -23,7 +23,15 @@ from brainmri.demo_data import generate_demo_dataset
 from brainmri.local_s3 import LocalS3Server
 from brainmri.registry import read_production_record
 from brainmri.storage import ObjectStore, S3Uri
-from components.config import DEMO_TRAINING, TrainConfig, add_flags, pop_flags, to_dict
+from components.config import (
+    DEMO_THRESHOLD,
+    DEMO_TRAINING,
+    PROMOTION_THRESHOLD,
+    TrainConfig,
+    add_flags,
+    pop_flags,
+    to_dict,
+)
 from pipelines.__main__ import run_local
 from serving.process import serve_in_subprocess
 
@@ -84,7 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "pipeline's real-data recipe (EfficientNet-Lite0, 192 px, 14 epochs: ~40 min on 2 CPU "
         "cores) (default: the generated demo set, a small CNN trained in seconds)",
     )
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help=f"test accuracy needed to promote (default: {PROMOTION_THRESHOLD} with --data, the "
+        f"pipeline's, set from the measured recipe; {DEMO_THRESHOLD} on the demo set)",
+    )
     parser.add_argument("--model-name", default="brain-mri-classifier")
     parser.add_argument("--models-bucket", default="models")
     add_flags(
@@ -103,8 +116,16 @@ def training_config(args: argparse.Namespace) -> TrainConfig:
     return pop_flags(dict(vars(args)), TrainConfig() if args.data else DEMO_TRAINING)
 
 
+def promotion_threshold(args: argparse.Namespace) -> float:
+    """The gate's threshold: the flag's, else the pipeline's (real scans) or the demo's."""
+    if args.threshold is not None:
+        return args.threshold
+    return PROMOTION_THRESHOLD if args.data else DEMO_THRESHOLD
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.threshold = promotion_threshold(args)
     RUN_DIR.mkdir(exist_ok=True)
     started = time.monotonic()
     with object_storage():

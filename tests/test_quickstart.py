@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from components.config import (
+    DEMO_THRESHOLD,
     DEMO_TRAINING,
+    PROMOTION_THRESHOLD,
     VAL_FRACTION,
     AugmentConfig,
     TrainConfig,
@@ -42,6 +44,10 @@ def test_demo_trains_the_small_cnn_and_real_data_the_pipeline_recipe(
     assert quickstart.training_config(real) == TrainConfig()  # the pipeline's defaults
     tuned = quickstart.parse_args(["--data", "/scans", "--epochs", "3", "--image-size", "160"])
     assert quickstart.training_config(tuned) == replace(TrainConfig(), epochs=3, image_size=160)
+    assert quickstart.promotion_threshold(real) == PROMOTION_THRESHOLD  # the pipeline's
+    assert quickstart.promotion_threshold(quickstart.parse_args([])) == DEMO_THRESHOLD
+    chosen = quickstart.parse_args(["--threshold", "0.5"])
+    assert quickstart.promotion_threshold(chosen) == 0.5
 
 
 def test_pipeline_defaults_are_the_measured_real_data_recipe() -> None:
@@ -52,3 +58,4 @@ def test_pipeline_defaults_are_the_measured_real_data_recipe() -> None:
     assert inputs["train"].default["backbone"] == "efficientnet_lite0"
     assert inputs["augment"].default == to_dict(AugmentConfig())
     assert inputs["val_fraction"].default == VAL_FRACTION
+    assert inputs["threshold"].default == PROMOTION_THRESHOLD == 0.96
