@@ -414,3 +414,15 @@ def test_schedule_can_pin_the_version_for_older_backends(
         "pipeline_version_id": version["pipeline_version_id"],
     }
     assert f"version {version['pipeline_version_id']}" in out[-2]
+
+
+def test_the_committed_generated_files_are_what_make_compile_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pipelines/brain_mri_pipeline.yaml`` (what the README uploads) keeps up with the code:
+    a changed default or step without ``make compile`` fails here."""
+    monkeypatch.delenv("COMPONENT_IMAGE", raising=False)
+    fresh = compile_pipeline(tmp_path / "brain_mri_pipeline.yaml")
+    committed = Path(__file__).resolve().parents[1] / "pipelines" / "brain_mri_pipeline.yaml"
+    documents = [list(yaml.safe_load_all(path.read_text())) for path in (fresh, committed)]
+    assert documents[0] == documents[1], "run `make compile` and commit the result"
