@@ -17,7 +17,7 @@ GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 
 .PHONY: help venv run test test-unit lint format compile manifests clean images cluster-yaml upload \
-	bench bench-ingest bench-accuracy bench-serve bench-load credentials
+	bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability credentials
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -76,7 +76,7 @@ credentials: $(STAMP) ## write manifests/base/credentials/*.env with random valu
 manifests: $(STAMP) ## render the kustomize overlays with the bundled kubectl (refuses missing, placeholder or shared credentials)
 	$(BIN)/python -m brainmri.manifests render manifests/overlays/*/
 
-bench: bench-ingest bench-accuracy bench-serve bench-load ## every benchmark (figures in benchmarks/results/*.json)
+bench: bench-ingest bench-accuracy bench-serve bench-load bench-reliability ## every benchmark (figures in benchmarks/results/*.json)
 
 bench-ingest: $(STAMP) ## ingest the real data set (../shared/data/brain-mri/Training); target well under 1 min
 	$(BIN)/python -m benchmarks.bench_ingest
@@ -86,6 +86,9 @@ bench-serve: $(STAMP) ## serving benchmark: model server under load vs raw forwa
 
 bench-load: $(STAMP) ## load test: 10,000 mixed valid/hostile requests at concurrency 32 on the trained model (writes benchmarks/results/load.json; needs bench-accuracy's model)
 	$(BIN)/python -m benchmarks.bench_load $(BENCH_ARGS)
+
+bench-reliability: $(STAMP) ## run every fault-injection test of the reliability table (writes benchmarks/results/reliability.json)
+	$(BIN)/python -m benchmarks.bench_reliability
 
 bench-accuracy: $(STAMP) ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 idle CPU cores (BENCH_ARGS="--smoke" for a quick check)
 	$(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ARGS)

@@ -37,7 +37,7 @@ from components import COMPONENT_IMAGE, SERVING_IMAGE
 DEFAULT_SERVING_IMAGE = SERVING_IMAGE
 # the in-cluster MinIO of manifests/base (Service `minio` in namespace `brain-mri`)
 DEFAULT_S3_ENDPOINT = "minio.brain-mri.svc.cluster.local:9000"
-# the Secret that manifests/base generates from minio.env
+# the Secret that manifests/base generates from credentials/pipeline.env (the pipeline's MinIO user)
 DEFAULT_S3_SECRET = "minio-credentials"
 S3_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 GPU_STEP = "train"
@@ -120,7 +120,7 @@ class ClusterOptions:
     a help text is a flag of ``python -m pipelines compile|upload|run|schedule``.
 
     The defaults fit ``manifests/base``: MinIO at ``DEFAULT_S3_ENDPOINT`` with its credentials in
-    the Secret ``minio-credentials``, no GPU. ``gpu=True`` matches ``manifests/overlays/gpu``:
+    the Secret ``minio-credentials``, no GPU. With ``gpu=True``
     ``train`` asks for one ``nvidia.com/gpu``, runs on nodes labelled
     ``nvidia.com/gpu.present=true`` and tolerates the ``nvidia.com/gpu`` taint.
     """
