@@ -3,6 +3,7 @@ deployment mode, and by what the predictor answers), the wait, and the rollback 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -166,7 +167,14 @@ def spec_for(version: str, **changes: Any) -> dict[str, Any]:
     )
 
 
-def roll(api: KubeApi, version: str, timeout_s: float = 30.0, **changes: Any) -> Rollout:
+def roll(
+    api: KubeApi,
+    version: str,
+    timeout_s: float = 30.0,
+    probe: Callable[[str, str], str] | None = None,
+    **changes: Any,
+) -> Rollout:
+    """Roll ``version`` out (with the emulator's probe unless ``probe`` is given)."""
     canary = changes.get("canary_traffic_percent")
     return roll_out_inference_service(
         spec_for(version, **changes),
@@ -174,6 +182,7 @@ def roll(api: KubeApi, version: str, timeout_s: float = 30.0, **changes: Any) ->
         Target(version, "brain-mri", canary),
         timeout_s=timeout_s,
         poll_interval_s=0.02,
+        **({"probe": probe} if probe else {}),
     )
 
 
@@ -250,14 +259,7 @@ def test_nothing_is_restored_over_another_rollouts_spec(kube_api: KubeApi) -> No
 
     kube_api.set_status("brain-mri", "kubeflow-user", raw()["status"])
     with pytest.raises(RolloutError) as info:
-        roll_out_inference_service(
-            spec_for("v2"),
-            api_client,
-            Target("v2", "brain-mri"),
-            timeout_s=0.3,
-            poll_interval_s=0.02,
-            probe=probe,
-        )
+        roll(kube_api, "v2", timeout_s=0.3, probe=probe)
     assert "Not rolled back: another rollout changed it" in str(info.value)
     assert version_of(kube_api.stored("brain-mri", "kubeflow-user")) == "v3"
 
@@ -278,14 +280,7 @@ def test_a_concurrent_apply_is_a_409_and_a_clear_error(
 
     monkeypatch.setattr(CustomResource, "get", get)
     with pytest.raises(ConcurrentRollout, match="changed by another rollout.*v3"):
-        roll_out_inference_service(
-            spec_for("v2"),
-            api_client,
-            Target("v2", "brain-mri"),
-            timeout_s=1,
-            poll_interval_s=0.02,
-            probe=answering("v2"),
-        )
+        roll(kube_api, "v2", timeout_s=1, probe=answering("v2"))
     assert version_of(kube_api.stored("brain-mri", "kubeflow-user")) == "v3"
 
 
@@ -303,14 +298,7 @@ def test_a_failed_rollback_is_reported_with_what_to_restore(
 
     monkeypatch.setattr(CustomResource, "patch", refuse)
     with pytest.raises(RolloutError) as info:
-        roll_out_inference_service(
-            spec_for("v2"),
-            api_client,
-            Target("v2", "brain-mri"),
-            timeout_s=0.1,
-            poll_interval_s=0.02,
-            probe=answering("v1"),
-        )
+        roll(kube_api, "v2", timeout_s=0.1, probe=answering("v1"))
     message = str(info.value)
     assert "Rolling back to the previous spec failed as well: HTTP 403 Forbidden" in message
     assert "its storage URI was s3://models/brain-mri/v1" in message
