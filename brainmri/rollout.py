@@ -15,8 +15,10 @@ the Deployment's ``Available``, which the old pods keep true through a rolling u
 ``Ready=False`` with a reason that is not progress, or a model that failed to load, ends the wait
 at once. On a failure or timeout the previous spec is restored, unless another rollout changed
 the InferenceService since this one applied its spec: nothing is ever restored over another
-run's spec. Every write carries the ``resourceVersion`` it read, so a concurrent change is a
-409 and a decision, never a silent overwrite.
+run's spec, and a rollout whose spec another replaces while it waits stops at once
+(:class:`ConcurrentRollout`: its model is not blamed, a retry may succeed). Every write carries
+the ``resourceVersion`` it read, so a concurrent change is a 409 and a decision, never a silent
+overwrite.
 """
 
 from __future__ import annotations
@@ -77,7 +79,11 @@ class RolloutError(RuntimeError):
 
 
 class ConcurrentRollout(RolloutError):
-    """Another rollout changed the InferenceService while this one applied its spec."""
+    """Another rollout changed the InferenceService while this one applied its spec or waited
+    for it: nothing of this one is restored or blamed on its model."""
+
+
+SUPERSEDED = "superseded"
 
 
 @dataclass(frozen=True)
@@ -159,10 +165,17 @@ class RolloutWatch:
         # KServe splits traffic only once a revision has rolled out: the first takes it all
         self.first_revision = not before.get("latestReadyRevision")
         self.canary_served: int | None = None  # the split once ready (None: all traffic)
+        self.applied_spec: dict[str, Any] | None = None  # what this rollout applied
 
     def assess(self, isvc: dict[str, Any] | None) -> Progress:
         if isvc is None:
             return Progress("failed", f"the {INFERENCE_SERVICES.kind} was deleted while waiting")
+        if self.applied_spec is not None and isvc.get("spec") != self.applied_spec:
+            return Progress(
+                SUPERSEDED,
+                f"another rollout changed the {INFERENCE_SERVICES.kind} while this one waited "
+                f"(it now serves {storage_uri_of(isvc)})",
+            )
         failure = _failure(isvc)
         if failure:
             return Progress("failed", failure)
@@ -328,6 +341,7 @@ def roll_out_inference_service(
             ) from err
         action, stored = "unchanged", current  # already ours: a retried task of this run
     watch = RolloutWatch(target, previous, probe)
+    watch.applied_spec = stored.get("spec")
     outcome = wait_until_ready(
         name,
         namespace,
@@ -339,6 +353,11 @@ def roll_out_inference_service(
     )
     if outcome.state == "ready":
         return Rollout(action, outcome.detail, watch.canary_served)
+    if outcome.state == SUPERSEDED:
+        raise ConcurrentRollout(
+            f"{where}: {outcome.detail}; this run's model was never confirmed serving and "
+            "nothing is restored over the other's spec: retry it once the other is done"
+        )
     if outcome.state == TIMEOUT:
         problem = (
             f"{where} did not serve the new model within {timeout_s:g}s (last seen: "

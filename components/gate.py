@@ -114,17 +114,24 @@ def gate_decision(
         return decide(False, f"accuracy {accuracy:.4f} < threshold {threshold:.4f}")
     passed = f"accuracy {accuracy:.4f} >= threshold {threshold:.4f}"
     champion = f"production {champion_version or '?'}"
-    if comparison is None and recorded_champion_accuracy is None:
+    if comparison is not None:
+        return decide(*_paired_verdict(comparison, passed, champion, tolerance, max_recall_drop))
+    if recorded_champion_accuracy is None:
         return decide(True, f"{passed}; no production model to compare with")
-    if comparison is None:
-        floor = recorded_champion_accuracy - tolerance
-        verdict = accuracy >= floor
-        relation = "not worse than" if verdict else "worse than"
-        return decide(
-            verdict,
-            f"{passed}, {relation} {champion}'s recorded {recorded_champion_accuracy:.4f} "
-            f"(tolerance {tolerance:.4f}; unpaired: it could not be re-scored)",
-        )
+    verdict = accuracy >= recorded_champion_accuracy - tolerance
+    relation = "not worse than" if verdict else "worse than"
+    return decide(
+        verdict,
+        f"{passed}, {relation} {champion}'s recorded {recorded_champion_accuracy:.4f} "
+        f"(tolerance {tolerance:.4f}; unpaired: it could not be re-scored)",
+    )
+
+
+def _paired_verdict(
+    comparison: Comparison, passed: str, champion: str, tolerance: float, max_recall_drop: float
+) -> tuple[bool, str]:
+    """Promote or not, and why, on the paired comparison: at most the allowed extra errors,
+    and no class's recall lower by more than ``max_recall_drop``."""
     paired, allowed = comparison.paired, _allowed_extra_errors(comparison.images, tolerance)
     extra = paired.first_errors - paired.second_errors
     on = (
@@ -132,10 +139,7 @@ def gate_decision(
         f"vs {champion}'s {paired.second_errors} (McNemar p={paired.mcnemar_p:.3g})"
     )
     if extra > allowed:
-        return decide(
-            False,
-            f"{passed}, but {on}: {extra} more, allowed {allowed}",
-        )
+        return False, f"{passed}, but {on}: {extra} more, allowed {allowed}"
     drops = {
         name: comparison.champion_recall[name] - recall
         for name, recall in comparison.challenger_recall.items()
@@ -143,16 +147,14 @@ def gate_decision(
     }
     worst = max(drops, key=drops.get) if drops else None
     if worst is not None and drops[worst] > max_recall_drop + 1e-9:  # float slack
-        return decide(
-            False,
+        return False, (
             f"{passed} and {on}, but its {worst} recall drops by {drops[worst]:.4f} "
             f"({comparison.champion_recall[worst]:.4f} -> {comparison.challenger_recall[worst]:.4f}"
-            f"), more than max_recall_drop {max_recall_drop:.4f}",
+            f"), more than max_recall_drop {max_recall_drop:.4f}"
         )
-    return decide(
-        True,
+    return True, (
         f"{passed} and {on}: within {allowed} allowed extra errors "
-        "and no class's recall drops too far",
+        "and no class's recall drops too far"
     )
 
 

@@ -111,21 +111,12 @@ def promote_model(
     """
     store = store or ObjectStore()
     store.ensure_bucket(models_bucket)
-    digest = hashlib.sha256(Path(model_dir, WEIGHTS_FILE).read_bytes()).hexdigest()
-    rejected = rejected_uri(models_bucket, model_name, digest)
-    if store.exists(rejected):
-        raise RolloutError(
-            f"this model (weights {digest[:12]}) failed to roll out before ({rejected}): it is "
-            "not rolled out again. Train a new model, or delete that record to try anyway."
-        )
+    rejected = _refuse_rejected(model_dir, models_bucket, model_name, store)
     version = model_version(model_dir, data_fingerprint=data_fingerprint)
     target = S3Uri(models_bucket, f"{model_name}/{version}")
     previous, etag = read_production_record_and_etag(store, models_bucket, model_name)
     previous = previous or {}
-    with tempfile.TemporaryDirectory(prefix="promote-") as staging:
-        staged = Path(shutil.copytree(model_dir, Path(staging) / version))
-        ModelBundle.update_metadata(staged, version=version)  # what the server reports
-        publish_committed(staged, target, CHECKSUMS_FILE, store)
+    _publish(model_dir, version, target, store)
     manifest = render_inference_service(replace(isvc, storage_uri=str(target)))
     rollout = Rollout("skipped: no Kubernetes cluster configured", "", isvc.canary_traffic_percent)
     if api_client is not None:
@@ -159,6 +150,29 @@ def promote_model(
         previous.get("version"),
         rollout.detail,
     )
+
+
+def _refuse_rejected(
+    model_dir: Path, models_bucket: str, model_name: str, store: ObjectStore
+) -> S3Uri:
+    """Where a failed rollout of this model (by the sha256 of its weights) is recorded; a
+    :class:`RolloutError` if one already is."""
+    digest = hashlib.sha256(Path(model_dir, WEIGHTS_FILE).read_bytes()).hexdigest()
+    rejected = rejected_uri(models_bucket, model_name, digest)
+    if store.exists(rejected):
+        raise RolloutError(
+            f"this model (weights {digest[:12]}) failed to roll out before ({rejected}): it is "
+            "not rolled out again. Train a new model, or delete that record to try anyway."
+        )
+    return rejected
+
+
+def _publish(model_dir: Path, version: str, target: S3Uri, store: ObjectStore) -> None:
+    """Upload a copy of the bundle, stamped with ``version``, complete or not at all."""
+    with tempfile.TemporaryDirectory(prefix="promote-") as staging:
+        staged = Path(shutil.copytree(model_dir, Path(staging) / version))
+        ModelBundle.update_metadata(staged, version=version)  # what the server reports
+        publish_committed(staged, target, CHECKSUMS_FILE, store)
 
 
 def _roll_out(

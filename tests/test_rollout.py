@@ -3,6 +3,7 @@ deployment mode, and by what the predictor answers), the wait, and the rollback 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -17,6 +18,7 @@ from brainmri.rollout import (
     RolloutError,
     RolloutWatch,
     Target,
+    _restore,
     apply_inference_service,
     merge_patch,
     roll_out_inference_service,
@@ -247,7 +249,8 @@ def test_rollback_restores_spec_annotations_and_labels(kube_api: KubeApi) -> Non
 
 
 def test_nothing_is_restored_over_another_rollouts_spec(kube_api: KubeApi) -> None:
-    """v2 never serves; meanwhile another run applies v3: v2's rollback must not undo it."""
+    """While v2 waits another run applies v3: v2 stops at once (its model not blamed), and
+    nothing of v3 is undone."""
     api_client = kube_api.api_client()
     _, first = apply_inference_service(spec_for("v1"), api_client)
 
@@ -258,9 +261,14 @@ def test_nothing_is_restored_over_another_rollouts_spec(kube_api: KubeApi) -> No
         return "v1"
 
     kube_api.set_status("brain-mri", "kubeflow-user", raw()["status"])
-    with pytest.raises(RolloutError) as info:
-        roll(kube_api, "v2", timeout_s=0.3, probe=probe)
-    assert "Not rolled back: another rollout changed it" in str(info.value)
+    started = time.monotonic()
+    with pytest.raises(ConcurrentRollout, match="changed the InferenceService while this one wait"):
+        roll(kube_api, "v2", timeout_s=30, probe=probe)
+    assert time.monotonic() - started < 10  # at once, not at the timeout
+    assert version_of(kube_api.stored("brain-mri", "kubeflow-user")) == "v3"
+    # a change that lands between the last look and the rollback is not undone either
+    sentence = _restore(first, spec_for("v2"), api_client, (5, 5))
+    assert sentence.startswith("Not rolled back: another rollout changed it")
     assert version_of(kube_api.stored("brain-mri", "kubeflow-user")) == "v3"
 
 
