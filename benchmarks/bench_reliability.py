@@ -70,7 +70,7 @@ FAULTS = [
     Fault(
         "rollout",
         "another rollout changed the service meanwhile",
-        "nothing restored over its spec; 409 on apply is a clear error",
+        "this rollout stops at once, its model not blamed; nothing restored over the other's spec",
         "tests/test_rollout.py::test_nothing_is_restored_over_another_rollouts_spec",
     ),
     Fault(
