@@ -6,6 +6,7 @@ kfp.local run of the whole DAG."""
 from __future__ import annotations
 
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -211,29 +212,21 @@ def test_gate_and_promote_without_a_cluster(
     model = Model(uri=str(tmp_path / "model"))
     shutil.copytree(trained[0].path, model.path)
     manifest = artifact(Artifact, tmp_path, "isvc.yaml")
-    uri = step.promote.python_func(
+    promote = partial(
+        step.promote.python_func,
         model=model,
         isvc_manifest=manifest,
         model_name="m",
         models_bucket=bucket,
         namespace="brain-mri",
-        serving_image="predictor:test",
         serving_policy={"allowed_images": ["predictor:test"]},
         accuracy=0.5,
     )
+    uri = promote(serving_image="predictor:test")
     record = store.get_json(production_record_uri(bucket, "m"))
     assert uri == record["storage_uri"] == manifest.metadata["storage_uri"]
     assert manifest.metadata["action"].startswith("skipped: no Kubernetes cluster")
     assert "kind: InferenceService" in Path(manifest.path).read_text()
     with pytest.raises(ImageNotAllowed, match=r"'evil:latest' is not allowed.*predictor:test"):
-        step.promote.python_func(
-            model=model,
-            isvc_manifest=manifest,
-            model_name="m",
-            models_bucket=bucket,
-            namespace="brain-mri",
-            serving_image="evil:latest",
-            serving_policy={"allowed_images": ["predictor:test"]},
-            accuracy=0.5,
-        )
+        promote(serving_image="evil:latest")
     assert store.get_json(production_record_uri(bucket, "m")) == record  # nothing changed
