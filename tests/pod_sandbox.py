@@ -26,6 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 
 
+def _hidden_software(empty_dirs: list[str]) -> list[Path]:
+    """The virtualenv and the checkout (what the image's layers hold here) where an emptyDir
+    would hide them: they are bound back, read-only, as the image would still provide them."""
+    software = {Path(sys.prefix).resolve(), REPO}
+    return sorted(
+        path for path in software if any(path.is_relative_to(folder) for folder in empty_dirs)
+    )
+
+
 def sandbox_unavailable() -> str | None:
     """Why pods cannot be sandboxed here (None when they can)."""
     for tool in ("unshare", "setpriv", "chroot", "ip"):
@@ -152,6 +161,12 @@ def run_pod(
         ]
     for path in pod.empty_dirs():
         lines.append(f'mount -t tmpfs -o mode=1777 tmpfs "$R{path}"')
+    for software in _hidden_software(pod.empty_dirs()):  # a checkout under /tmp (clean-ci)
+        lines += [
+            f'mkdir -p "$R{software}"',
+            f'mount --bind {shlex.quote(str(software))} "$R{software}"',
+            f'mount -o remount,bind,ro "$R{software}"',
+        ]
     for path, folder in pod.volumes.items():
         parent = str(Path(path).parent)
         lines += [
