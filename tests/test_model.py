@@ -168,3 +168,20 @@ def test_serving_and_training_size_their_threads_by_the_same_budget(
     finally:
         torch.set_num_threads(before)
     assert serving_main.forward_threads(torch.device("cpu"), None, None) == (3, 1)
+
+
+def test_native_padding_gives_the_packages_output_and_state_dict() -> None:
+    """The swapped convolutions answer exactly as the package's TF-"same" ones, at odd and
+    even input sizes, with the ImageNet weights loaded and the state dict unchanged."""
+    from efficientnet_lite_pytorch import EfficientNet
+
+    torch.manual_seed(0)
+    ours = build_model("efficientnet_lite0", 4, pretrained=True).eval()
+    package = EfficientNet.from_name("efficientnet-lite0", num_classes=4, image_size=None).eval()
+    package.load_state_dict(ours.state_dict())  # same keys and shapes
+    swapped = [m for m in ours.modules() if type(m) is torch.nn.Conv2d]
+    assert len(swapped) >= 40
+    with torch.no_grad():
+        for size in (63, 64, 192):
+            images = torch.randn(2, 3, size, size)
+            assert torch.allclose(ours(images), package(images), atol=1e-5), size

@@ -1,0 +1,111 @@
+"""Training-step levers, measured against each other in one process: ``make bench-step``.
+
+    python -m benchmarks.bench_step [--image-size 192] [--batch-size 32] [--rounds 5]
+
+Each lever is a way to build the network; every round times ``--steps`` whole-network training
+steps (AdamW, cross-entropy, channels-last, fp32, random uint8-range input) of each lever, in
+alternating order, so that a noisy shared machine slows all of them alike. The figure is each
+lever's median images/s over the rounds and its median ratio to the baseline within a round.
+Writes ``benchmarks/results/step_levers.json``. The levers today:
+
+- ``package padding``: EfficientNet-Lite0 as the ``efficientnet_lite_pytorch`` package builds
+  it (TF-"same" padding by ``F.pad`` before every convolution);
+- ``native padding``: the project's build (:func:`brainmri.backbones.native_same_padding`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks.common import RESULTS_DIR, write_json
+from brainmri import CLASS_NAMES
+from brainmri.cpu import cpu_budget
+from brainmri.model import build_model
+
+
+def package_lite0() -> nn.Module:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return EfficientNet.from_name(
+        "efficientnet-lite0", num_classes=len(CLASS_NAMES), image_size=None
+    )
+
+
+LEVERS: dict[str, Callable[[], nn.Module]] = {
+    "package padding": package_lite0,
+    "native padding": lambda: build_model("efficientnet_lite0", len(CLASS_NAMES)),
+}
+BASELINE = "package padding"
+
+
+def images_per_s(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
+    """Whole-network training steps per second, times the batch (two warm-up steps first)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model.train()
+    for step in range(steps + 2):
+        if step == 2:
+            started = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+    return images.shape[0] * steps / (time.perf_counter() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_step", description=__doc__)
+    parser.add_argument("--image-size", type=int, default=192)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR / "step_levers.json")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    torch.set_num_threads(cpu_budget())
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    images = torch.randn(shape).contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, len(CLASS_NAMES), (args.batch_size,))
+    models = {name: build().to(memory_format=torch.channels_last) for name, build in LEVERS.items()}
+    rates: dict[str, list[float]] = {name: [] for name in LEVERS}
+    for round_number in range(args.rounds):
+        order = list(models) if round_number % 2 == 0 else list(reversed(models))
+        for name in order:
+            rates[name].append(images_per_s(models[name], images, labels, args.steps))
+        print(f"round {round_number}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()))
+    result = {
+        "benchmark": "step_levers",
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "setup": {k: v for k, v in vars(args).items() if k != "out"}
+        | {"threads": torch.get_num_threads(), "precision": "fp32"},
+        "baseline": BASELINE,
+        "levers": {
+            name: {
+                "images_per_s_median": statistics.median(values),
+                "images_per_s": [round(v, 2) for v in values],
+                "ratio_to_baseline_median": statistics.median(
+                    v / b for v, b in zip(values, rates[BASELINE], strict=True)
+                ),
+            }
+            for name, values in rates.items()
+        },
+    }
+    write_json(result, args.out)
+    for name, figures in result["levers"].items():
+        print(
+            f"{name:16s} {figures['images_per_s_median']:.1f} img/s, "
+            f"{figures['ratio_to_baseline_median']:.2f}x {BASELINE}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""The training-step lever benchmark runs and writes its figures (tiny input, one step)."""
+
+import json
+from pathlib import Path
+
+from benchmarks import bench_step
+
+
+def test_bench_step_smoke(tmp_path: Path) -> None:
+    out = tmp_path / "levers.json"
+    argv = ["--image-size", "48", "--batch-size", "2", "--steps", "1", "--rounds", "2"]
+    assert bench_step.main([*argv, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert set(result["levers"]) == set(bench_step.LEVERS)
+    assert result["levers"][bench_step.BASELINE]["ratio_to_baseline_median"] == 1.0
