@@ -10,7 +10,9 @@ Writes ``benchmarks/results/step_levers.json``. The levers today:
 
 - ``package padding``: EfficientNet-Lite0 as the ``efficientnet_lite_pytorch`` package builds
   it (TF-"same" padding by ``F.pad`` before every convolution);
-- ``native padding``: the project's build (:func:`brainmri.backbones.native_same_padding`).
+- ``native padding``: the project's build (:func:`brainmri.backbones.native_same_padding`);
+- ``+ bf16 autocast``: its forward pass under ``torch.autocast("cpu", torch.bfloat16)``;
+- ``+ torch.compile``: the model compiled by inductor (the compile is in the warm-up steps).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -41,14 +44,31 @@ def package_lite0() -> nn.Module:
     )
 
 
-LEVERS: dict[str, Callable[[], nn.Module]] = {
-    "package padding": package_lite0,
-    "native padding": lambda: build_model("efficientnet_lite0", len(CLASS_NAMES)),
+def project_lite0() -> nn.Module:
+    return build_model("efficientnet_lite0", len(CLASS_NAMES))
+
+
+@dataclass(frozen=True)
+class Lever:
+    """A way to build the network and run its step."""
+
+    build: Callable[[], nn.Module]
+    bf16_autocast: bool = False  # the forward pass under CPU bf16 autocast, fp32 master weights
+    compiled: bool = False  # torch.compile of the model (inductor; needs a C compiler)
+
+
+LEVERS: dict[str, Lever] = {
+    "package padding": Lever(package_lite0),
+    "native padding": Lever(project_lite0),
+    "native padding + bf16 autocast": Lever(project_lite0, bf16_autocast=True),
+    "native padding + torch.compile": Lever(project_lite0, compiled=True),
 }
 BASELINE = "package padding"
 
 
-def images_per_s(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, steps: int) -> float:
+def images_per_s(
+    model: nn.Module, lever: Lever, images: torch.Tensor, labels: torch.Tensor, steps: int
+) -> float:
     """Whole-network training steps per second, times the batch (two warm-up steps first)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
@@ -56,9 +76,16 @@ def images_per_s(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
         if step == 2:
             started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(images), labels).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lever.bf16_autocast):
+            loss = F.cross_entropy(model(images), labels)
+        loss.backward()
         optimizer.step()
     return images.shape[0] * steps / (time.perf_counter() - started)
+
+
+def prepare(lever: Lever) -> nn.Module:
+    model = lever.build().to(memory_format=torch.channels_last)
+    return torch.compile(model) if lever.compiled else model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--levers", nargs="*", choices=list(LEVERS), help="default: all (the baseline always runs)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "step_levers.json")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
@@ -74,12 +104,14 @@ def main(argv: list[str] | None = None) -> int:
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     images = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, len(CLASS_NAMES), (args.batch_size,))
-    models = {name: build().to(memory_format=torch.channels_last) for name, build in LEVERS.items()}
-    rates: dict[str, list[float]] = {name: [] for name in LEVERS}
+    chosen = {BASELINE, *(args.levers or LEVERS)}
+    levers = {name: lever for name, lever in LEVERS.items() if name in chosen}
+    models = {name: prepare(lever) for name, lever in levers.items()}
+    rates: dict[str, list[float]] = {name: [] for name in levers}
     for round_number in range(args.rounds):
         order = list(models) if round_number % 2 == 0 else list(reversed(models))
         for name in order:
-            rates[name].append(images_per_s(models[name], images, labels, args.steps))
+            rates[name].append(images_per_s(models[name], levers[name], images, labels, args.steps))
         print(f"round {round_number}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()))
     result = {
         "benchmark": "step_levers",

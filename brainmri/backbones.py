@@ -114,9 +114,8 @@ def native_same_padding(model: nn.Module) -> nn.Module:
     (k-1)/2 on each side: the same output (the padding is symmetric there at any input size)
     without the ``F.pad`` copy the package makes on every call, and the same state dict.
     Measured by ``make bench-step`` (EfficientNet-Lite0, 192 px, batch 32, fp32, channels-last,
-    2 CPU cores, both alternating in one process): training steps 1.12x as fast (median of 5
-    rounds, 24.5 -> 28.0 images/s). Strided ones stay: their TF padding is asymmetric on even
-    inputs."""
+    2 CPU cores, alternating in one process): training steps 1.04-1.12x as fast (medians of 5
+    rounds in two runs). Strided ones stay: their TF padding is asymmetric on even inputs."""
     from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding
     from torch import nn
 
