@@ -7,16 +7,12 @@ from pathlib import Path
 import pytest
 
 from benchmarks import bench_load
-from brainmri import CLASS_NAMES
-from brainmri.images import PreprocessConfig
-from brainmri.model import ModelBundle, build_model
+from tests.bundles import save_tiny_bundle
 
 
 @pytest.mark.integration
 def test_bench_load_smoke(tmp_path: Path) -> None:
-    bundle = ModelBundle(
-        build_model("tiny_cnn", 4), "tiny_cnn", list(CLASS_NAMES), PreprocessConfig(image_size=32)
-    ).save(tmp_path / "model")
+    bundle = save_tiny_bundle(tmp_path / "model")
     with pytest.raises(SystemExit, match="trained EfficientNet-Lite0"):
         bench_load.main(["--model-dir", str(bundle)])
     out = tmp_path / "load.json"

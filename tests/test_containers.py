@@ -23,11 +23,9 @@ from kfp import dsl
 from kfp.local import executor_input_utils
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from brainmri import CLASS_NAMES
-from brainmri.images import PreprocessConfig
 from brainmri.inference_service import storage_uri_of
-from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri
+from tests.bundles import save_tiny_bundle
 from tests.pod_sandbox import REPO, Image, Pod, run_pod, sandbox_unavailable
 
 pytestmark = [
@@ -44,14 +42,7 @@ COMPILED = REPO / "pipelines" / "brain_mri_pipeline.yaml"
 
 
 def bundle(folder: Path, version: str) -> Path:
-    model = ModelBundle(
-        build_model("tiny_cnn", len(CLASS_NAMES)),
-        "tiny_cnn",
-        list(CLASS_NAMES),
-        PreprocessConfig(image_size=32),
-        {"version": version},
-    )
-    return model.save(folder)
+    return save_tiny_bundle(folder, version=version)
 
 
 def predictor_pod(isvc: dict[str, Any], models: Path) -> Pod:

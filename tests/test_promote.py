@@ -16,13 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
-from brainmri import CLASS_NAMES
-from brainmri.images import PreprocessConfig
-from brainmri.inference_service import InferenceServiceSpec, storage_uri_of
+from brainmri.inference_service import InferenceServiceSpec, ServingPolicy, storage_uri_of
 from brainmri.kube import KubeApiError
-from brainmri.model import BundleError, ModelBundle, build_model, load_bundle
+from brainmri.model import BundleError, load_bundle
 from brainmri.registry import (
     RecordError,
     production_record_uri,
@@ -32,6 +29,7 @@ from brainmri.registry import (
 from brainmri.rollout import ConcurrentRollout, RolloutError
 from brainmri.storage import ObjectStore, S3Uri, StorageError
 from components.promote import Promotion, model_version, promote_model
+from tests.bundles import save_tiny_bundle
 from tests.kube_emulator import FakeKServe, KubeApi, version_of
 
 NAME = "brain-mri-classifier"
@@ -43,22 +41,12 @@ FAST = {"poll_interval_s": 0.02}  # tests poll often; success comes within a sec
 
 
 def save_model(directory: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    bundle = ModelBundle(
-        build_model("tiny_cnn", 4), "tiny_cnn", list(CLASS_NAMES), PreprocessConfig(image_size=32)
-    )
-    return bundle.save(directory)
+    return save_tiny_bundle(directory, seed=seed)
 
 
 def spec(image: str = "predictor:test", canary: int | None = None) -> InferenceServiceSpec:
-    return InferenceServiceSpec(
-        name=NAME,
-        namespace=NAMESPACE,
-        storage_uri="",
-        image=image,
-        model_name=NAME,
-        canary_traffic_percent=canary,
-    )
+    """What promote deploys ``image`` with, as the pipeline's default serving policy builds it."""
+    return ServingPolicy((image,)).spec(NAME, NAMESPACE, image, canary)
 
 
 def image_of(isvc: dict[str, Any]) -> str:

@@ -39,6 +39,7 @@ from serving import protocol
 from serving.__main__ import build_parser, forward_threads, main
 from serving.predictor import BrainMRIModel
 from serving.process import ServerNotReady, ServerProcess, serve_in_subprocess
+from tests.bundles import save_tiny_bundle
 
 MODEL_NAME = "brain-mri"
 STARTUP_TIMEOUT_S = 90.0
@@ -122,10 +123,7 @@ def test_load_from_local_dir_sets_ready_and_version(bundle_dir: Path) -> None:
 
 
 def test_version_falls_back_to_unknown(tmp_path: Path) -> None:
-    bundle = ModelBundle(
-        build_model("tiny_cnn", 4), "tiny_cnn", list(CLASS_NAMES), PreprocessConfig(image_size=32)
-    )
-    model = BrainMRIModel("m", str(bundle.save(tmp_path / "m")), device="cpu")
+    model = BrainMRIModel("m", str(save_tiny_bundle(tmp_path / "m")), device="cpu")
     model.load()
     assert model.model_version == "unknown"
     assert_valid_predictions(infer(model, v1_body(encode()))["predictions"], 1, "unknown")

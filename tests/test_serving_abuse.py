@@ -36,12 +36,11 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from brainmri import CLASS_NAMES
-from brainmri.images import PreprocessConfig
 from brainmri.local_s3 import free_ports
-from brainmri.model import ModelBundle, build_model
 from serving.limits import AdmissionLimits, AdmissionMiddleware
 from serving.process import ServerProcess, serve_in_subprocess
 from serving.protocol import read_binary_extension
+from tests.bundles import save_tiny_bundle
 
 MODEL = "brain-mri"
 SIZE = 32
@@ -268,14 +267,7 @@ def test_a_body_that_does_not_arrive_in_time_gets_408() -> None:
 # -- the real server -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    model = ModelBundle(
-        build_model("tiny_cnn", len(CLASS_NAMES)),
-        "tiny_cnn",
-        list(CLASS_NAMES),
-        PreprocessConfig(image_size=SIZE),
-        {"version": "v7"},
-    )
-    return model.save(tmp_path_factory.mktemp("bundle") / "model")
+    return save_tiny_bundle(tmp_path_factory.mktemp("bundle") / "model", SIZE, version="v7")
 
 
 @dataclass(frozen=True)
