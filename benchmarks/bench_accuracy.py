@@ -46,6 +46,7 @@ from benchmarks.common import (
 )
 from brainmri import CLASS_NAMES
 from brainmri.backbones import get_backbone
+from brainmri.cpu import cpu_has_bf16
 from brainmri.dataset import MANIFEST_FILE, load_image_set, read_manifest, read_near_pairs
 from brainmri.model import load_bundle, pick_device
 from components.config import (
@@ -134,8 +135,9 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[IngestReport, Path, p
 def bare_loops(
     args: argparse.Namespace, dataset: Path, split: pd.DataFrame
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The bare torchvision loop's throughput on the same backbone, batch and device: plain,
-    and in channels-last (the train step's memory format)."""
+    """The bare torchvision loop's throughput on the same backbone, batch and device: plain
+    (fp32), and in the train step's memory format and precision (CPU bf16 autocast when the
+    recipe's ``amp`` is on and the CPU computes bf16)."""
     config = args.train
     device = pick_device(config.device)
     preprocess = get_backbone(config.backbone).preprocess(config.image_size)
@@ -152,9 +154,10 @@ def bare_loops(
             device,
             num_workers=resolve_workers(config, device),
             learning_rate=config.peak_learning_rate,
-            channels_last=layout,
+            channels_last=same,
+            bf16=same and config.amp and cpu_has_bf16(),
         )
-        for layout in (False, True)
+        for same in (False, True)
     )
     return plain, channels_last
 
@@ -304,6 +307,8 @@ def seeds_record(
                 **scores(evaluation),
                 "training_minutes": result.training_seconds / 60,
                 "images_per_s": result.train_images_per_s,
+                "precision": result.precision,
+                "selected_weights": result.selected_weights,
                 "best_epoch": result.best_epoch,
                 "best_val_accuracy": result.best_val_accuracy,
                 "stopped_early": result.stopped_early,
@@ -322,7 +327,8 @@ def seeds_record(
         "goals_met": {
             "accuracy_mean": accuracy["mean"] >= GOALS["accuracy_mean"],
             "training_minutes": max(minutes) <= GOALS["training_minutes"],
-            "throughput_ratio": images_per_s / bare["images_per_s"] >= GOALS["throughput_ratio"],
+            # against the bare loop in the step's own memory format and precision
+            "throughput_ratio": images_per_s / bare_cl["images_per_s"] >= GOALS["throughput_ratio"],
         },
     }
 
@@ -390,7 +396,7 @@ def seeds_summary(result: dict[str, Any]) -> list[str]:
         f"[goal <= {GOALS['training_minutes']}: {mark(met['training_minutes'])}]",
         f"throughput        {result['images_per_s']:.1f} img/s = {result['throughput_ratio']:.2f}x "
         f"the bare torchvision loop ({result['throughput_ratio_same_memory_format']:.2f}x in "
-        f"channels-last) [goal >= 0.9: {mark(met['throughput_ratio'])}]",
+        f"its memory format and precision) [goal >= 0.9: {mark(met['throughput_ratio'])}]",
     ]
 
 

@@ -12,7 +12,11 @@ Writes ``benchmarks/results/step_levers.json``. The levers today:
   it (TF-"same" padding by ``F.pad`` before every convolution);
 - ``native padding``: the project's build (:func:`brainmri.backbones.native_same_padding`);
 - ``+ bf16 autocast``: its forward pass under ``torch.autocast("cpu", torch.bfloat16)``;
-- ``+ torch.compile``: the model compiled by inductor (the compile is in the warm-up steps).
+- ``+ torch.compile``: the model compiled by inductor (the compile is in the warm-up steps);
+- ``+ bf16 autocast + torch.compile``: both.
+
+Each round also times the recipe's augmentation (``AugmentConfig()``, per sample, as the train
+step's DataLoader runs it) on a batch of uint8 images: its share of a training step.
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from benchmarks.common import RESULTS_DIR, write_json
 from brainmri import CLASS_NAMES
 from brainmri.cpu import cpu_budget
 from brainmri.model import build_model
+from components.augment import build_transform
+from components.config import AugmentConfig
 
 
 def package_lite0() -> nn.Module:
@@ -62,6 +68,9 @@ LEVERS: dict[str, Lever] = {
     "native padding": Lever(project_lite0),
     "native padding + bf16 autocast": Lever(project_lite0, bf16_autocast=True),
     "native padding + torch.compile": Lever(project_lite0, compiled=True),
+    "native padding + bf16 autocast + torch.compile": Lever(
+        project_lite0, bf16_autocast=True, compiled=True
+    ),
 }
 BASELINE = "package padding"
 
@@ -81,6 +90,15 @@ def images_per_s(
         loss.backward()
         optimizer.step()
     return images.shape[0] * steps / (time.perf_counter() - started)
+
+
+def augmentation_seconds(images: torch.Tensor) -> float:
+    """Seconds the recipe's per-sample augmentation takes over one batch of uint8 images."""
+    transform = build_transform(AugmentConfig(), images.shape[-1])
+    started = time.perf_counter()
+    for image in images:
+        transform(image)
+    return time.perf_counter() - started
 
 
 def prepare(lever: Lever) -> nn.Module:
@@ -108,11 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     levers = {name: lever for name, lever in LEVERS.items() if name in chosen}
     models = {name: prepare(lever) for name, lever in levers.items()}
     rates: dict[str, list[float]] = {name: [] for name in levers}
+    raw = torch.randint(0, 256, shape, dtype=torch.uint8)
+    augment: list[float] = []
     for round_number in range(args.rounds):
         order = list(models) if round_number % 2 == 0 else list(reversed(models))
         for name in order:
             rates[name].append(images_per_s(models[name], levers[name], images, labels, args.steps))
+        augment.append(augmentation_seconds(raw))
         print(f"round {round_number}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()))
+    step_seconds = {name: args.batch_size / statistics.median(r) for name, r in rates.items()}
+    augment_seconds = statistics.median(augment)
     result = {
         "benchmark": "step_levers",
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -129,12 +152,20 @@ def main(argv: list[str] | None = None) -> int:
             }
             for name, values in rates.items()
         },
+        "augmentation": {
+            "seconds_per_batch": augment_seconds,
+            "share_of_step": {  # of a step that augments its batch, then trains on it
+                name: augment_seconds / (augment_seconds + seconds)
+                for name, seconds in step_seconds.items()
+            },
+        },
     }
     write_json(result, args.out)
     for name, figures in result["levers"].items():
         print(
             f"{name:16s} {figures['images_per_s_median']:.1f} img/s, "
-            f"{figures['ratio_to_baseline_median']:.2f}x {BASELINE}"
+            f"{figures['ratio_to_baseline_median']:.2f}x {BASELINE}, augmentation "
+            f"{result['augmentation']['share_of_step'][name]:.0%} of the step"
         )
     return 0
 

@@ -80,14 +80,16 @@ def bare_loop_throughput(
     learning_rate: float = 1e-3,
     warmup_steps: int = 2,
     channels_last: bool = False,
+    bf16: bool = False,
 ) -> dict[str, Any]:
     """Images/s of a plain whole-network training loop over cached uint8 images.
 
     The reference point for the train step's throughput: same backbone, batch size, device and
     threads; torchvision's reference transforms per sample, AdamW, no checkpoints, validation,
-    metrics or progress bar (AMP only on CUDA, as ``--amp`` there). ``channels_last=False`` is
-    the plain loop; ``True`` gives it the train step's memory format, which isolates the step's
-    own overhead (augmentation, metrics, checkpoints) from the layout speed-up.
+    metrics or progress bar (AMP on CUDA, as ``--amp`` there). ``channels_last=False`` is
+    the plain loop; ``True`` gives it the train step's memory format, and ``bf16`` its CPU bf16
+    autocast, which isolates the step's own overhead (augmentation, metrics, checkpoints) from
+    the layout and precision speed-ups.
     """
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(backbone, int(labels.max()) + 1).to(device, memory_format=memory_format)
@@ -103,6 +105,7 @@ def bare_loop_throughput(
         pin_memory=device.type == "cuda",
     )
     amp = device.type == "cuda"
+    cpu_bf16 = bf16 and device.type == "cpu"
     done, seen, started = 0, 0, 0.0
     while done < steps + warmup_steps:
         for x, y in loader:
@@ -112,7 +115,11 @@ def bare_loop_throughput(
                 started, seen = time.perf_counter(), 0
             x = x.to(device, non_blocking=True).contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, enabled=amp):
+            with (
+                torch.autocast("cpu", dtype=torch.bfloat16)
+                if cpu_bf16
+                else torch.autocast(device.type, enabled=amp)
+            ):
                 loss = loss_fn(model(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -129,6 +136,7 @@ def bare_loop_throughput(
         "steps": steps,
         "batch_size": batch_size,
         "channels_last": channels_last,
+        "precision": "bf16 autocast" if cpu_bf16 else ("autocast" if amp else "fp32"),
     }
 
 

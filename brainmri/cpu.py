@@ -29,3 +29,11 @@ def cpu_budget(cgroup_cpu_max: Path | None = None) -> int:
     except (OSError, ValueError):
         pass
     return max(1, available)
+
+
+def cpu_has_bf16() -> bool:
+    """True when this CPU computes bfloat16 natively (AVX-512-BF16 or AMX): only then does bf16
+    autocast pay on a CPU; elsewhere it is emulated and slower than fp32."""
+    import torch  # here, so the CPU budget stays importable without the ML stack
+
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

@@ -96,6 +96,9 @@ class ModelBundle:
     class_names: list[str]
     preprocess: PreprocessConfig
     metadata: dict[str, Any] = field(default_factory=dict)
+    # average each image's probabilities with its mirror image's (test-time augmentation); the
+    # one place it happens, so evaluate and the server answer alike
+    test_time_flip: bool = False
 
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
@@ -106,6 +109,7 @@ class ModelBundle:
             "backbone": self.backbone,
             "class_names": self.class_names,
             "preprocess": self.preprocess.to_dict(),
+            "test_time_flip": self.test_time_flip,
             "metadata": self.metadata,
         }
         _write_description(directory, description)
@@ -141,6 +145,7 @@ class ModelBundle:
             list(description["class_names"]),
             PreprocessConfig.from_dict(description["preprocess"]),
             description.get("metadata", {}),
+            bool(description.get("test_time_flip", False)),
         )
 
     @staticmethod
@@ -162,9 +167,13 @@ class ModelBundle:
 
     @torch.inference_mode()
     def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities for a preprocessed float batch (N, 3, H, W)."""
-        logits = self.model(batch.to(self.device, non_blocking=True))
-        return torch.softmax(logits.float(), dim=1).cpu()
+        """Class probabilities for a preprocessed float batch (N, 3, H, W); with
+        ``test_time_flip``, the mean of the image's and its mirror image's."""
+        batch = batch.to(self.device, non_blocking=True)
+        if self.test_time_flip:  # one forward pass over both: the mean of their probabilities
+            proba = torch.softmax(self.model(torch.cat([batch, batch.flip(-1)])).float(), dim=1)
+            return proba.view(2, len(batch), -1).mean(dim=0).cpu()
+        return torch.softmax(self.model(batch).float(), dim=1).cpu()
 
 
 def _read_description(directory: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from torch import nn
 from brainmri.storage import ObjectStore, fetch, location_exists, publish
 
 CHECKPOINT_FILE = "last.pt"
-CHECKPOINT_FORMAT = 2
+CHECKPOINT_FORMAT = 3  # 3: the moving average of the weights (``ema``) too
 
 
 @dataclass
@@ -35,28 +35,37 @@ class TrainState:
     best_score: tuple[float, float] = (-1.0, float("-inf"))  # (val accuracy, -val loss)
     best_epoch: int = 0
     best_weights: dict[str, torch.Tensor] | None = None
+    best_source: str = "raw"  # "ema" when the best weights are the moving average's
     stale_epochs: int = 0
     training_seconds: float = 0.0
     model: dict[str, Any] | None = None  # the latest weights, and what continues them
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
     scaler: dict[str, Any] | None = None
+    ema: dict[str, Any] | None = None  # the moving average of the weights (AveragedModel)
 
-    def record(self, row: dict[str, Any], model: nn.Module) -> None:
-        """Add an epoch's row; keep ``model``'s weights when they score best so far."""
+    def record(self, row: dict[str, Any], model: nn.Module, ema: nn.Module | None = None) -> None:
+        """Add an epoch's row; keep the weights of ``model``, or of its moving average ``ema``
+        (scored in the row as ``ema_val_*``) when that scores better, if best so far."""
         self.history.append(row)
         self.epoch = row["epoch"]
-        score = (row["val_accuracy"], -row["val_loss"])
+        candidates = [((row["val_accuracy"], -row["val_loss"]), "raw", model)]
+        if ema is not None:
+            candidates.append(((row["ema_val_accuracy"], -row["ema_val_loss"]), "ema", ema))
+        score, source, network = max(candidates, key=lambda c: c[0])
         if score > self.best_score:
             self.best_score, self.best_epoch, self.stale_epochs = score, row["epoch"], 0
-            self.best_weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            self.best_source = source
+            weights = network.state_dict().items()
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in weights}
         else:
             self.stale_epochs += 1
 
     def to_checkpoint(self, identity: dict[str, Any], *live: Any) -> dict[str, Any]:
         """This state as saved, with the ``state_dict()`` of the live model, optimiser,
-        schedule and loss scaler (in that order)."""
-        self.model, self.optimizer, self.scheduler, self.scaler = (x.state_dict() for x in live)
+        schedule, loss scaler and moving average (in that order; the last may be None)."""
+        states = [None if x is None else x.state_dict() for x in live]
+        self.model, self.optimizer, self.scheduler, self.scaler, self.ema = states
         self.model = {k: v.detach().cpu() for k, v in self.model.items()}
         checkpoint = asdict(self) | {"best_score": list(self.best_score)}
         return checkpoint | {"format": CHECKPOINT_FORMAT, "identity": identity}

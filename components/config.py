@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from brainmri.backbones import BACKBONES, get_backbone
 
-SCHEDULES = ("onecycle", "cosine")
+SCHEDULES = ("onecycle", "cosine", "warmup_cosine")
 NOISE_KINDS = ("gaussian", "rician")
 # the split's share of images; 75 % train, and 10 % of ~5,500 resolves validation accuracy to 0.2 %
 VAL_FRACTION, TEST_FRACTION = 0.10, 0.15
@@ -57,7 +57,25 @@ class TrainConfig:
     head_epochs: int = knob(
         1, "phase 1 (pretrained backbones only): epochs of the new head alone; capped at epochs-1"
     )
-    schedule: str = knob("onecycle", "per phase: onecycle (warm-up + cosine) or cosine")
+    schedule: str = knob(
+        "onecycle",
+        "onecycle (per phase: warm-up + cosine, momentum cycled), cosine (per phase), or "
+        "warmup_cosine (head phase at a constant rate; whole network: a short linear warm-up, "
+        "then cosine to zero; AdamW betas fixed)",
+    )
+    head_learning_rate_scale: float = knob(
+        1.0, "the head-only phase's peak rate as a multiple of learning_rate"
+    )
+    ema_decay: float = knob(
+        0.0,
+        "per-step decay of an exponential moving average of the weights in the whole-network "
+        "phase (e.g. 0.998), kept instead of the raw weights when it scores better on val; 0 = off",
+    )
+    test_time_flip: bool = knob(
+        False,
+        "average each image's prediction with its mirror image's: recorded in the bundle, "
+        "applied by evaluate and the server alike",
+    )
     patience: int = knob(
         5,
         "epochs without a better val score before stopping (never in the first half of the "
@@ -65,7 +83,11 @@ class TrainConfig:
     )
     num_workers: int = knob(-1, "DataLoader workers; -1 = auto (CPU 0, CUDA min(8, CPUs))")
     cpu_threads: int = knob(0, "torch threads on a CPU; 0 = the CPU budget of the process")
-    amp: bool = knob(True, "mixed precision on CUDA (ignored on a CPU)")
+    amp: bool = knob(
+        True,
+        "mixed precision: bf16 autocast (fp32 master weights) on CUDA (fp16 + loss scaling "
+        "where bf16 is missing) and on CPUs with AVX-512-BF16 or AMX; fp32 on other CPUs",
+    )
     channels_last: bool = knob(True, "channels-last memory format")
 
     def __post_init__(self) -> None:
@@ -84,6 +106,12 @@ class TrainConfig:
             raise ValueError(f"schedule={self.schedule!r} must be one of {SCHEDULES}")
         if self.head_epochs < 0:
             raise ValueError(f"head_epochs={self.head_epochs} must be >= 0")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay={self.ema_decay} must be in [0, 1)")
+        if not 0 < self.head_learning_rate_scale <= 100:
+            raise ValueError(
+                f"head_learning_rate_scale={self.head_learning_rate_scale} must be in (0, 100]"
+            )
 
     @property
     def peak_learning_rate(self) -> float:

@@ -4,11 +4,14 @@ Shaped like torchvision's classification reference: :func:`train_one_epoch` and 
 are plain functions, :func:`train_model` drives them, and one loop serves CPU, GPU and DDP
 (:mod:`components.distributed`). Pretrained backbones are fine-tuned in two phases: the new head
 alone (backbone frozen, its batch-norm statistics too), then the whole network; each phase has
-its own AdamW optimiser and a one-cycle (or cosine) schedule. Label smoothing, early stopping
-on validation, deterministic per-epoch seeds. On CUDA: mixed precision (bf16 where supported,
-else fp16 with loss scaling), pinned memory, channels-last, DataLoader workers. On a CPU: torch
-threads set to the CPU budget, no workers (the images are decoded once and cached as uint8
-tensors, so a worker would only compete with the compute threads for the cores).
+its own AdamW optimiser and schedule (one-cycle, cosine, or a constant head rate then warm-up and
+cosine to zero), optionally an exponential moving average of the weights (kept when it scores
+better on validation). Label smoothing, early stopping on validation, deterministic per-epoch
+seeds. Mixed precision: bf16 autocast with fp32 master weights on CUDA (fp16 with loss scaling
+where bf16 is missing) and on CPUs that compute bf16 natively (AVX-512-BF16, AMX), fp32 on others;
+the path taken is logged and recorded. On CUDA: pinned memory, channels-last, DataLoader workers.
+On a CPU: torch threads set to the CPU budget, no workers (the images are decoded once and cached
+as uint8 tensors, so a worker would only compete with the compute threads for the cores).
 
 With a ``checkpoint_uri`` (``s3://bucket/prefix`` on MinIO, or a local folder) the whole
 training state is saved after every epoch and a retried run resumes after the last finished
@@ -31,13 +34,14 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, DistributedSampler
 from torch.utils.data import Dataset as TorchDataset
 from tqdm import tqdm
 
 from brainmri import CLASS_NAMES
 from brainmri.backbones import get_backbone
-from brainmri.cpu import cpu_budget
+from brainmri.cpu import cpu_budget, cpu_has_bf16
 from brainmri.dataset import ImageSet, load_image_set
 from brainmri.model import (
     ModelBundle,
@@ -57,6 +61,7 @@ from components.split import load_split, trained_on
 
 # knobs that may differ between a run and its retry without invalidating the checkpoint
 _RUNTIME_FIELDS = ("device", "num_workers", "cpu_threads")
+WARMUP_SHARE = 0.05  # warmup_cosine: the whole-network phase's linear warm-up, share of its steps
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,8 @@ class TrainResult:
     training_seconds: float
     train_images_per_s: float  # steady state (see steady_images_per_s)
     device: str
+    precision: str  # "bf16 autocast", "fp16 autocast" or "fp32": the path that ran
+    selected_weights: str  # "raw", or "ema" when the moving average scored better on val
     cpu_threads: int | None
     dataloader_workers: int
     torch_version: str
@@ -182,14 +189,27 @@ def _phase_optimizer(
     for p in model.parameters():
         p.requires_grad_(phase == "full" or id(p) in head)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    lr = config.peak_learning_rate
+    lr = config.peak_learning_rate * (config.head_learning_rate_scale if phase == "head" else 1)
     optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=config.weight_decay)
-    if config.schedule == "onecycle" and steps >= 4:  # a warm-up needs a few steps
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+    schedulers = torch.optim.lr_scheduler
+    if config.schedule == "warmup_cosine" and phase == "head":
+        return optimizer, schedulers.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if config.schedule == "warmup_cosine" and steps >= 4:
+        warmup = max(1, round(WARMUP_SHARE * steps))
+        scheduler = schedulers.SequentialLR(
+            optimizer,
+            [
+                schedulers.LinearLR(optimizer, start_factor=0.01, total_iters=warmup),
+                schedulers.CosineAnnealingLR(optimizer, T_max=steps - warmup),
+            ],
+            milestones=[warmup],
+        )
+    elif config.schedule == "onecycle" and steps >= 4:  # a warm-up needs a few steps
+        scheduler = schedulers.OneCycleLR(
             optimizer, max_lr=lr, total_steps=steps, pct_start=max(0.2, 2 / steps)
         )
     else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
+        scheduler = schedulers.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     return optimizer, scheduler
 
 
@@ -210,15 +230,17 @@ class _Runner:
         self.normalize = normalize
         self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         cuda = device.type == "cuda"
-        self.amp = cuda and config.amp
-        self.amp_dtype = (
-            torch.bfloat16 if self.amp and torch.cuda.is_bf16_supported() else torch.float16
-        )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and not self.bf16)
+        self.amp = config.amp and (cuda or (device.type == "cpu" and cpu_has_bf16()))
+        bf16 = not cuda or torch.cuda.is_bf16_supported()
+        self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
+        self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.amp and not bf16)
 
     @property
-    def bf16(self) -> bool:
-        return self.amp_dtype == torch.bfloat16
+    def precision(self) -> str:
+        """The arithmetic that runs: ``bf16 autocast``, ``fp16 autocast`` or ``fp32``."""
+        if not self.amp:
+            return "fp32"
+        return "bf16 autocast" if self.amp_dtype == torch.bfloat16 else "fp16 autocast"
 
     def inputs(self, images: torch.Tensor) -> torch.Tensor:
         images = images.to(self.device, non_blocking=True)
@@ -230,12 +252,14 @@ class _Runner:
 
 @dataclass
 class _Phase:
-    """The optimiser, schedule and (DDP-wrapped) network of one fine-tuning phase."""
+    """The optimiser, schedule and (DDP-wrapped) network of one fine-tuning phase, and the
+    moving average of its weights when ``ema_decay`` asks for one (whole-network phase)."""
 
     name: str
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     network: nn.Module
+    ema: AveragedModel | None = None
 
 
 def _start_phase(name: str, s: _Setup, resume: TrainState | None) -> _Phase:
@@ -244,13 +268,19 @@ def _start_phase(name: str, s: _Setup, resume: TrainState | None) -> _Phase:
     head_epochs = s.config.head_only_epochs
     epochs = head_epochs if name == "head" else s.config.epochs - head_epochs
     optimizer, scheduler = _phase_optimizer(s.model, name, s.config, epochs * len(s.train_loader))
+    ema = None
+    if name == "full" and s.config.ema_decay:  # batch-norm statistics averaged too
+        averaging = get_ema_multi_avg_fn(s.config.ema_decay)
+        ema = AveragedModel(s.model, multi_avg_fn=averaging, use_buffers=True)
     if resume is not None and resume.phase == name and resume.optimizer is not None:
         optimizer.load_state_dict(resume.optimizer)
         scheduler.load_state_dict(resume.scheduler)
         if resume.scaler and s.runner.scaler.is_enabled():
             s.runner.scaler.load_state_dict(resume.scaler)
+        if ema is not None and resume.ema is not None:
+            ema.load_state_dict(resume.ema)
     # DDP syncs the parameters that train when it is built: rebuild it per phase
-    return _Phase(name, optimizer, scheduler, s.ctx.wrap(s.model, s.device))
+    return _Phase(name, optimizer, scheduler, s.ctx.wrap(s.model, s.device), ema)
 
 
 def train_one_epoch(
@@ -271,6 +301,8 @@ def train_one_epoch(
         runner.scaler.step(phase.optimizer)
         runner.scaler.update()
         phase.scheduler.step()
+        if phase.ema is not None:
+            phase.ema.update_parameters(phase.network)
         seen += len(labels)
         loss_sum += loss.item() * len(labels)
         correct += int((logits.argmax(dim=1) == labels).sum())
@@ -345,6 +377,9 @@ def _set_up(run: TrainRun) -> _Setup:
         _loader(run, frame, name, ctx, device, workers, generator) for name in ("train", "val")
     )
     runner = _Runner(config, device, preprocess.normalize())
+    if ctx.is_main:
+        bf16 = "" if device.type != "cpu" else f"; CPU computes bf16 natively: {cpu_has_bf16()}"
+        print(f"training on {device} in {runner.precision} (amp={config.amp}{bf16})", flush=True)
     model = build_model(config.backbone, len(CLASS_NAMES))
     weights_source = load_pretrained_weights(model, config.backbone) if config.pretrained else None
     model.to(device, memory_format=runner.memory_format)
@@ -452,7 +487,11 @@ def _run_epoch(
     train_seconds = time.perf_counter() - started
     # every rank scores the whole val split with the same weights: same early-stop decision
     val_accuracy, val_loss = evaluate(s.model, s.val_loader, s.runner)
-    return {
+    averaged = {}
+    if phase.ema is not None:
+        ema_accuracy, ema_loss = evaluate(phase.ema, s.val_loader, s.runner)
+        averaged = {"ema_val_accuracy": ema_accuracy, "ema_val_loss": ema_loss}
+    return averaged | {
         "epoch": epoch,
         "phase": phase.name,
         "learning_rate": phase.scheduler.get_last_lr()[0],
@@ -490,7 +529,7 @@ def train_model(
         row = _run_epoch(epoch, phase, s, loss_fn, progress)
         check_finite(row)
         state.phase = name
-        state.record(row, s.model)
+        state.record(row, s.model, phase.ema.module if phase.ema is not None else None)
         print(json.dumps(row), flush=True)
         state.stopped_early = _stops_early(state, config, name)
         state.finished = state.stopped_early or epoch == config.epochs
@@ -499,7 +538,7 @@ def train_model(
             print(f"early stop: {state.stale_epochs} epochs without a better val score ({best})")
         state.training_seconds = elapsed_before + time.perf_counter() - started
         if checkpoints is not None and s.ctx.is_main:
-            live = (s.model, phase.optimizer, phase.scheduler, s.runner.scaler)
+            live = (s.model, phase.optimizer, phase.scheduler, s.runner.scaler, phase.ema)
             checkpoints.save(state.to_checkpoint(s.identity, *live))
     state.training_seconds = elapsed_before + time.perf_counter() - started
     return _finish(run, s, state, resumed_from)
@@ -522,6 +561,8 @@ def _finish(run: TrainRun, s: _Setup, state: TrainState, resumed_from: int | Non
         training_seconds=state.training_seconds,
         train_images_per_s=steady_images_per_s(state.history),
         device=str(s.device),
+        precision=s.runner.precision,
+        selected_weights=state.best_source,
         cpu_threads=s.threads or None,
         dataloader_workers=s.workers,
         torch_version=torch.__version__,
@@ -538,7 +579,14 @@ def _finish(run: TrainRun, s: _Setup, state: TrainState, resumed_from: int | Non
     )
     preprocess = get_backbone(config.backbone).preprocess(config.image_size)
     model = s.model.to("cpu", memory_format=torch.contiguous_format).eval()
-    bundle = ModelBundle(model, config.backbone, list(CLASS_NAMES), preprocess, result.metadata())
+    bundle = ModelBundle(
+        model,
+        config.backbone,
+        list(CLASS_NAMES),
+        preprocess,
+        result.metadata(),
+        test_time_flip=config.test_time_flip,
+    )
     if s.ctx.is_main:
         bundle.save(Path(run.output))
     s.ctx.barrier()

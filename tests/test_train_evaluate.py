@@ -1,6 +1,7 @@
 """Training (two phases, schedules, early stopping, checkpoints and resume) and evaluation on
 synthetic images, without KFP."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -204,6 +205,8 @@ def test_early_stopping_on_validation(
         ({"backbone": "vgg99"}, "unknown backbone"),
         ({"schedule": "step"}, "schedule"),
         ({"image_size": 16}, "image_size"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"head_learning_rate_scale": 0}, "head_learning_rate_scale"),
     ],
 )
 def test_train_config_is_validated(changes: dict, message: str) -> None:
@@ -229,3 +232,84 @@ def test_unknown_backbone_is_refused() -> None:
 def test_missing_model_folder_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="is not a saved model"):
         ModelBundle.load(tmp_path)
+
+
+def learning_rates(optimizer: torch.optim.Optimizer, scheduler, steps: int) -> list[float]:
+    rates = []
+    for _ in range(steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_warmup_cosine_holds_the_head_rate_then_warms_up_and_decays_to_zero() -> None:
+    model = build_model("efficientnet_lite0", 4)
+    config = TrainConfig(
+        backbone="efficientnet_lite0", schedule="warmup_cosine", head_learning_rate_scale=10
+    )
+    head = learning_rates(*_phase_optimizer(model, "head", config, steps=20), steps=20)
+    assert head == pytest.approx([10 * config.peak_learning_rate] * 20)  # constant, scaled
+    optimizer, scheduler = _phase_optimizer(model, "full", config, steps=100)
+    whole = learning_rates(optimizer, scheduler, steps=100)
+    warmup = round(train_module.WARMUP_SHARE * 100)
+    assert whole[0] == pytest.approx(0.01 * config.peak_learning_rate)
+    assert whole[warmup] == pytest.approx(config.peak_learning_rate)  # the peak after warm-up
+    assert all(a >= b for a, b in zip(whole[warmup:], whole[warmup + 1 :], strict=False))
+    assert scheduler.get_last_lr()[0] == pytest.approx(0, abs=1e-12)  # cosine to zero
+    assert {g["betas"] for g in optimizer.param_groups} == {(0.9, 0.999)}  # never cycled
+
+
+def test_the_moving_average_is_kept_when_it_scores_better_and_resumes(
+    prepared: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = TrainConfig(epochs=3, ema_decay=0.5, **TINY)
+    folder = str(tmp_path / "ckpt")
+    crash_on_epoch(monkeypatch, 5)  # validation runs twice an epoch: killed in epoch 3
+    with pytest.raises(Crash):
+        fit(prepared, tmp_path / "m", config, checkpoint_uri=folder)
+    monkeypatch.undo()
+    result = fit(prepared, tmp_path / "m", config, checkpoint_uri=folder)
+    assert result.resumed_from_epoch == 2
+    assert all({"ema_val_accuracy", "ema_val_loss"} <= set(h) for h in result.history)
+    best = result.history[result.best_epoch - 1]
+    raw, averaged = (
+        (best["val_accuracy"], -best["val_loss"]),
+        (
+            best["ema_val_accuracy"],
+            -best["ema_val_loss"],
+        ),
+    )
+    assert result.selected_weights == ("ema" if averaged > raw else "raw")
+    assert ModelBundle.load(tmp_path / "m").metadata["selected_weights"] == result.selected_weights
+
+
+def test_without_ema_the_raw_weights_are_kept(prepared: tuple[Path, Path], tmp_path: Path) -> None:
+    result = fit(prepared, tmp_path / "m", TrainConfig(epochs=1, **TINY))
+    assert result.selected_weights == "raw" and "ema_val_accuracy" not in result.history[0]
+
+
+def test_the_precision_that_ran_is_recorded(
+    prepared: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bf16 autocast on a CPU that computes bf16 natively, fp32 on one that does not, and with
+    amp off."""
+    config = TrainConfig(epochs=1, **TINY)
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
+    assert fit(prepared, tmp_path / "a", config).precision == "bf16 autocast"
+    assert fit(prepared, tmp_path / "b", replace(config, amp=False)).precision == "fp32"
+    monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
+    assert fit(prepared, tmp_path / "c", config).precision == "fp32"
+
+
+def test_test_time_flip_is_recorded_in_the_bundle_and_averages_mirror_images(
+    prepared: tuple[Path, Path], tmp_path: Path
+) -> None:
+    fit(prepared, tmp_path / "m", TrainConfig(epochs=1, test_time_flip=True, **TINY))
+    bundle = ModelBundle.load(tmp_path / "m")
+    assert bundle.test_time_flip
+    batch = torch.rand(3, 3, 32, 32)
+    with torch.inference_mode():
+        plain, mirrored = (torch.softmax(bundle.model(b), dim=1) for b in (batch, batch.flip(-1)))
+    assert torch.allclose(bundle.predict_proba(batch), (plain + mirrored) / 2, atol=1e-6)
+    assert torch.allclose(bundle.predict_proba(batch), bundle.predict_proba(batch.flip(-1)))
