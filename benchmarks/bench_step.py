@@ -15,8 +15,9 @@ Writes ``benchmarks/results/step_levers.json``. The levers today:
 - ``+ torch.compile``: the model compiled by inductor (the compile is in the warm-up steps);
 - ``+ bf16 autocast + torch.compile``: both.
 
-Each round also times the recipe's augmentation (``AugmentConfig()``, per sample, as the train
-step's DataLoader runs it) on a batch of uint8 images: its share of a training step.
+Each round also times the recipe's augmentation on a batch of uint8 images, per sample (as the
+train step's DataLoader runs ``build_transform``) and batched (:class:`BatchAugment`): its share
+of a training step.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from benchmarks.common import RESULTS_DIR, write_json
 from brainmri import CLASS_NAMES
 from brainmri.cpu import cpu_budget
 from brainmri.model import build_model
-from components.augment import build_transform
+from components.augment import BatchAugment, build_transform
 from components.config import AugmentConfig
 
 
@@ -92,12 +93,20 @@ def images_per_s(
     return images.shape[0] * steps / (time.perf_counter() - started)
 
 
-def augmentation_seconds(images: torch.Tensor) -> float:
-    """Seconds the recipe's per-sample augmentation takes over one batch of uint8 images."""
-    transform = build_transform(AugmentConfig(), images.shape[-1])
+AUGMENTATIONS = ("per sample", "batched")
+
+
+def augmentation_seconds(images: torch.Tensor, way: str) -> float:
+    """Seconds the recipe's augmentation takes over one batch of uint8 images, ``way`` one of
+    :data:`AUGMENTATIONS`."""
+    config = AugmentConfig()
+    per_sample, batched = build_transform(config, images.shape[-1]), BatchAugment(config)
     started = time.perf_counter()
-    for image in images:
-        transform(image)
+    if way == "batched":
+        batched(images)
+    else:
+        for image in images:
+            per_sample(image)
     return time.perf_counter() - started
 
 
@@ -127,15 +136,16 @@ def main(argv: list[str] | None = None) -> int:
     models = {name: prepare(lever) for name, lever in levers.items()}
     rates: dict[str, list[float]] = {name: [] for name in levers}
     raw = torch.randint(0, 256, shape, dtype=torch.uint8)
-    augment: list[float] = []
+    augment: dict[str, list[float]] = {way: [] for way in AUGMENTATIONS}
     for round_number in range(args.rounds):
         order = list(models) if round_number % 2 == 0 else list(reversed(models))
         for name in order:
             rates[name].append(images_per_s(models[name], levers[name], images, labels, args.steps))
-        augment.append(augmentation_seconds(raw))
+        for way, seconds in augment.items():
+            seconds.append(augmentation_seconds(raw, way))
         print(f"round {round_number}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()))
     step_seconds = {name: args.batch_size / statistics.median(r) for name, r in rates.items()}
-    augment_seconds = statistics.median(augment)
+    augment_seconds = {way: statistics.median(seconds) for way, seconds in augment.items()}
     result = {
         "benchmark": "step_levers",
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -153,19 +163,26 @@ def main(argv: list[str] | None = None) -> int:
             for name, values in rates.items()
         },
         "augmentation": {
-            "seconds_per_batch": augment_seconds,
-            "share_of_step": {  # of a step that augments its batch, then trains on it
-                name: augment_seconds / (augment_seconds + seconds)
-                for name, seconds in step_seconds.items()
-            },
+            way: {
+                "seconds_per_batch": augmenting,
+                "share_of_step": {  # of a step that augments its batch, then trains on it
+                    name: augmenting / (augmenting + seconds)
+                    for name, seconds in step_seconds.items()
+                },
+            }
+            for way, augmenting in augment_seconds.items()
         },
     }
     write_json(result, args.out)
     for name, figures in result["levers"].items():
         print(
             f"{name:16s} {figures['images_per_s_median']:.1f} img/s, "
-            f"{figures['ratio_to_baseline_median']:.2f}x {BASELINE}, augmentation "
-            f"{result['augmentation']['share_of_step'][name]:.0%} of the step"
+            f"{figures['ratio_to_baseline_median']:.2f}x {BASELINE}; augmentation "
+            + ", ".join(
+                f"{way} {figures['share_of_step'][name]:.0%}"
+                for way, figures in result["augmentation"].items()
+            )
+            + " of the step"
         )
     return 0
 

@@ -144,6 +144,11 @@ class AugmentConfig:
     noise_std: float = knob(0.03, "noise sigma U(0, s), a fraction of the intensity range")
     noise_kind: str = knob("rician", "gaussian or rician")
     mri_probability: float = knob(0.3, "chance of each MRI transform (gamma, bias field, noise)")
+    batched: bool = knob(
+        False,
+        "augment whole batches with tensor operations on the training device (one resampling "
+        "for crop, flips and rotation) instead of each image in the DataLoader",
+    )
 
     def __post_init__(self) -> None:
         check_types(self)

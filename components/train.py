@@ -52,7 +52,7 @@ from brainmri.model import (
     pick_device,
 )
 from brainmri.storage import ObjectStore
-from components.augment import build_transform
+from components.augment import BatchAugment, build_transform
 from components.checkpoint import Checkpoints, TrainState
 from components.config import AugmentConfig, TrainConfig, from_dict, to_dict
 from components.distributed import DistributedContext
@@ -145,11 +145,13 @@ def steady_images_per_s(history: list[dict[str, Any]]) -> float:
 
 
 class AugmentedImages(TorchDataset):
-    """Cached uint8 images -> (augmented uint8 image, label); normalised later, per batch."""
+    """Cached uint8 images -> (augmented uint8 image, label); normalised later, per batch. A
+    ``batched`` augmentation is left to the training loop (:class:`BatchAugment`)."""
 
     def __init__(self, data: ImageSet, augment: AugmentConfig | None, image_size: int) -> None:
         self.data = data
-        self.augment = build_transform(augment, image_size) if augment else None
+        per_sample = augment is not None and not augment.batched
+        self.augment = build_transform(augment, image_size) if per_sample else None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -225,9 +227,17 @@ def _set_mode(model: nn.Module, phase: str, backbone: str) -> None:
 class _Runner:
     """Device placement, mixed precision and normalisation shared by training and validation."""
 
-    def __init__(self, config: TrainConfig, device: torch.device, normalize: Any) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        normalize: Any,
+        augment: AugmentConfig | None = None,
+    ) -> None:
         self.device = device
         self.normalize = normalize
+        # a batched augmentation runs here, on the device; a per-sample one ran in the loader
+        self.augment = BatchAugment(augment) if augment is not None and augment.batched else None
         self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         cuda = device.type == "cuda"
         self.amp = config.amp and (cuda or (device.type == "cpu" and cpu_has_bf16()))
@@ -242,8 +252,11 @@ class _Runner:
             return "fp32"
         return "bf16 autocast" if self.amp_dtype == torch.bfloat16 else "fp16 autocast"
 
-    def inputs(self, images: torch.Tensor) -> torch.Tensor:
+    def inputs(self, images: torch.Tensor, train: bool = False) -> torch.Tensor:
+        """A uint8 batch on the device, normalised (batch-augmented first when ``train``)."""
         images = images.to(self.device, non_blocking=True)
+        if train and self.augment is not None:
+            images = self.augment(images)
         return self.normalize(images).contiguous(memory_format=self.memory_format)
 
     def autocast(self) -> torch.autocast:
@@ -291,7 +304,7 @@ def train_one_epoch(
     seen, correct, loss_sum = 0, 0, 0.0
     bar = tqdm(loader, desc=desc, unit="batch", disable=not desc, leave=False)
     for images, labels in bar:
-        inputs = runner.inputs(images)
+        inputs = runner.inputs(images, train=True)
         labels = labels.to(runner.device, non_blocking=True)
         with runner.autocast():
             logits = phase.network(inputs)
@@ -376,7 +389,7 @@ def _set_up(run: TrainRun) -> _Setup:
     train_loader, val_loader = (
         _loader(run, frame, name, ctx, device, workers, generator) for name in ("train", "val")
     )
-    runner = _Runner(config, device, preprocess.normalize())
+    runner = _Runner(config, device, preprocess.normalize(), run.augment)
     if ctx.is_main:
         bf16 = "" if device.type != "cpu" else f"; CPU computes bf16 natively: {cpu_has_bf16()}"
         print(f"training on {device} in {runner.precision} (amp={config.amp}{bf16})", flush=True)

@@ -14,4 +14,5 @@ def test_bench_step_smoke(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert set(result["levers"]) == {bench_step.BASELINE, "native padding + bf16 autocast"}
     assert result["levers"][bench_step.BASELINE]["ratio_to_baseline_median"] == 1.0
-    assert 0 < result["augmentation"]["share_of_step"][bench_step.BASELINE] < 1
+    for way in bench_step.AUGMENTATIONS:
+        assert 0 < result["augmentation"][way]["share_of_step"][bench_step.BASELINE] < 1

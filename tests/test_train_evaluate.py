@@ -313,3 +313,20 @@ def test_test_time_flip_is_recorded_in_the_bundle_and_averages_mirror_images(
         plain, mirrored = (torch.softmax(bundle.model(b), dim=1) for b in (batch, batch.flip(-1)))
     assert torch.allclose(bundle.predict_proba(batch), (plain + mirrored) / 2, atol=1e-6)
     assert torch.allclose(bundle.predict_proba(batch), bundle.predict_proba(batch.flip(-1)))
+
+
+def test_batched_augmentation_runs_in_the_training_loop_not_the_loader(
+    prepared: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    real = train_module.BatchAugment.__call__
+
+    def counted(self, images: torch.Tensor) -> torch.Tensor:
+        calls.append(len(images))
+        return real(self, images)
+
+    monkeypatch.setattr(train_module.BatchAugment, "__call__", counted)
+    augment = AugmentConfig(batched=True)
+    result = fit(prepared, tmp_path / "m", TrainConfig(epochs=1, **TINY), augment)
+    assert sum(calls) == result.history[0]["train_images"]  # every training image, in batches
+    assert ModelBundle.load(tmp_path / "m").metadata["augment"]["batched"] is True
