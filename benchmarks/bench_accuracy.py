@@ -61,6 +61,7 @@ from components.config import (
 from components.evaluate import Evaluation, evaluate_rows, score_predictions
 from components.ingest import IngestReport, ingest_dataset
 from components.split import group_key, leakage, split_manifest
+from components.statistics import compare_paired
 from components.train import TrainResult, TrainRun, resolve_workers, train_model
 
 GOALS = {"accuracy_mean": 0.99, "training_minutes": 15.0, "throughput_ratio": 0.9}
@@ -187,8 +188,9 @@ def scores(evaluation: Evaluation) -> dict[str, Any]:
 
 def train_seed(
     args: argparse.Namespace, work: Path, dataset: Path, split_csv: Path, seed: int
-) -> tuple[TrainResult, Evaluation]:
-    """Train the recipe with training seed ``seed`` and score it on the test split."""
+) -> tuple[TrainResult, Evaluation, Evaluation | None]:
+    """Train the recipe with training seed ``seed`` and score it on the test split; with
+    ``test_time_flip``, score the same model without it too (the lever, paired)."""
     config = replace(args.train, seed=seed)
     out = work / f"model-seed{seed}"
     result = train_model(TrainRun(dataset, split_csv, out, config, args.augment))
@@ -197,8 +199,13 @@ def train_seed(
         shutil.copytree(out, TRAINED_MODEL_DIR)
     frame = pd.read_csv(split_csv)
     test = frame[frame["split"] == "test"]
-    evaluation = evaluate_rows(load_bundle(out), dataset, test, f"test split, seed {seed}")
-    return result, evaluation
+    bundle = load_bundle(out)
+    evaluation = evaluate_rows(bundle, dataset, test, f"test split, seed {seed}")
+    unflipped = None
+    if bundle.test_time_flip:
+        bundle.test_time_flip = False
+        unflipped = evaluate_rows(bundle, dataset, test, f"test split, seed {seed}, no flip")
+    return result, evaluation, unflipped
 
 
 def kfold(args: argparse.Namespace, work: Path, dataset: Path, split: pd.DataFrame) -> dict:
@@ -281,9 +288,12 @@ def seeds_record(
     """Every training seed trained and scored on the one grouped split, next to the bare loop
     (long: it is the JSON's schema, written out as literals)."""
     seeds = []
+    without_flip = {}
     for seed in args.seeds:
-        result, evaluation = train_seed(args, work, dataset, work / "split.csv", seed)
+        result, evaluation, unflipped = train_seed(args, work, dataset, work / "split.csv", seed)
         seeds.append((seed, result, evaluation))
+        if unflipped is not None:
+            without_flip[seed] = unflipped
         print(f"seed {seed}: {evaluation.accuracy:.4f} ({evaluation.errors} errors)", flush=True)
     bare, bare_cl = bare_loops(args, dataset, split)
     images_per_s = statistics.fmean(r.train_images_per_s for _, r, _ in seeds)
@@ -314,6 +324,7 @@ def seeds_record(
                 "stopped_early": result.stopped_early,
                 "history": result.history,
             }
+            | flip_lever(evaluation, without_flip.get(seed))
             for seed, result, evaluation in seeds
         ],
         "test_answers": {
@@ -329,6 +340,23 @@ def seeds_record(
             "training_minutes": max(minutes) <= GOALS["training_minutes"],
             # against the bare loop in the step's own memory format and precision
             "throughput_ratio": images_per_s / bare_cl["images_per_s"] >= GOALS["throughput_ratio"],
+        },
+    }
+
+
+def flip_lever(flipped: Evaluation, unflipped: Evaluation | None) -> dict[str, Any]:
+    """The same model scored without its test-time flip, and the two paired (McNemar); empty
+    for a model without one."""
+    if unflipped is None:
+        return {}
+    answers = [e.predictions.set_index("path")["correct"] for e in (flipped, unflipped)]
+    paired = compare_paired(answers[0], answers[1].loc[answers[0].index])
+    return {
+        "without_test_time_flip": scores(unflipped),
+        "test_time_flip_paired": {
+            "only_with_flip_right": paired.only_first_right,
+            "only_without_flip_right": paired.only_second_right,
+            "mcnemar_p": paired.mcnemar_p,
         },
     }
 

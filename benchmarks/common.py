@@ -91,6 +91,8 @@ def bare_loop_throughput(
     autocast, which isolates the step's own overhead (augmentation, metrics, checkpoints) from
     the layout and precision speed-ups.
     """
+    if len(images) < batch_size:
+        raise ValueError(f"the bare loop needs a batch of {batch_size} images, got {len(images)}")
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(backbone, int(labels.max()) + 1).to(device, memory_format=memory_format)
     model.train()

@@ -1,0 +1,32 @@
+"""The accuracy benchmark end to end on the synthetic demo set (tiny model, one epoch): seeds,
+the test-time-flip lever scored paired, the bare loop in the step's precision, the k-fold."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_accuracy
+
+
+def test_bench_accuracy_runs_on_a_tiny_recipe(
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(bench_accuracy, "TRAINED_MODEL_DIR", tmp_path / "served")
+    out = tmp_path / "accuracy.json"
+    argv = ["--data", str(demo_dir), "--out", str(out), "--seeds", "0", "--kfold", "2"]
+    argv += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--bare-steps", "1"]
+    argv += ["--backbone", "tiny_cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
+    argv += ["--test-time-flip", "true", "--batched", "true", "--ema-decay", "0.9"]
+    assert bench_accuracy.main(argv) == 0
+    result = json.loads(out.read_text())
+    seed = result["seeds"][0]
+    assert seed["precision"] in {"bf16 autocast", "fp32"} and seed["selected_weights"]
+    assert seed["without_test_time_flip"]["images"] == seed["images"] == result["test_images"]
+    paired = seed["test_time_flip_paired"]
+    assert 0 <= paired["mcnemar_p"] <= 1
+    lost = paired["only_without_flip_right"] - paired["only_with_flip_right"]
+    assert seed["errors"] - seed["without_test_time_flip"]["errors"] == lost
+    assert result["bare_torchvision_loop_channels_last"]["precision"] == seed["precision"]
+    assert result["kfold"]["out_of_fold"]["images"] == sum(result["data"]["split_sizes"].values())
+    assert (tmp_path / "served" / "model.json").is_file()  # what the serving benchmarks load
