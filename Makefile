@@ -17,7 +17,7 @@ GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 
 .PHONY: help venv run test test-unit lint format compile manifests clean images cluster-yaml upload \
-	bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step credentials
+	bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-front credentials
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -95,6 +95,9 @@ bench-step: $(STAMP) ## training-step levers against each other in one process (
 
 bench-accuracy: $(STAMP) ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 idle CPU cores (BENCH_ARGS="--smoke" for a quick check)
 	$(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ARGS)
+
+bench-front: $(STAMP) ## every measured recipe (benchmarks/results/recipes/*.json) against the default: table and time-accuracy front (levers.md, front.svg)
+	$(BIN)/python -m benchmarks.front
 
 clean: ## remove run outputs (keeps .venv)
 	rm -rf .run local_outputs .pytest_cache

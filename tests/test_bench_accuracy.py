@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_accuracy
+from benchmarks import bench_accuracy, front
 
 
 def test_bench_accuracy_runs_on_a_tiny_recipe(
@@ -30,3 +30,11 @@ def test_bench_accuracy_runs_on_a_tiny_recipe(
     assert result["bare_torchvision_loop_channels_last"]["precision"] == seed["precision"]
     assert result["kfold"]["out_of_fold"]["images"] == sum(result["data"]["split_sizes"].values())
     assert (tmp_path / "served" / "model.json").is_file()  # what the serving benchmarks load
+
+    table, svg = tmp_path / "levers.md", tmp_path / "front.svg"
+    argv = [str(out), "--reference", str(out), "--table", str(table), "--svg", str(svg)]
+    assert front.main(argv) == 0
+    rows = [line for line in table.read_text().splitlines() if line.startswith("| reference")]
+    assert len(rows) == 4  # the reference and the same recipe again, each with and without flip
+    assert any("(scored without the flip)" in row for row in rows)
+    assert svg.read_text().lstrip().startswith("<?xml")
