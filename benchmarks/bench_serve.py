@@ -1,6 +1,6 @@
 """Serving benchmark: the real model server under a bounded load, against raw forward passes.
 
-    python -m benchmarks.bench_serve [--model-dir DIR] [--image-size 128]
+    python -m benchmarks.bench_serve [--model-dir DIR | --stand-in [--image-size 128]]
         [--concurrency 1 8 32] [--batch-sizes 1 16] [--images-per-setting 1536]
 
 1. Measures, in this process and before the server starts, the raw batched forward throughput
@@ -18,10 +18,14 @@
    at least 0.8x raw forward at the best batch size; p99 at most 2x p50 at concurrency 8) and
    writes ``benchmarks/results/serve.json``.
 
-Without ``--model-dir`` the model is a freshly initialised ``tiny_cnn``: its weights do not
-change its cost, and the benchmark trains nothing. Client and server share this machine's CPUs;
-each setting records how many CPU cores each of them kept busy, and the load average before and
-after is recorded too, so contention from other work on the machine shows in the results.
+The model is what users serve: by default the EfficientNet-Lite0 that ``make bench-accuracy``
+trained (seed 0 of the default recipe, in ``local_outputs/bench/trained-model``), with its
+input size and test-time flip; the benchmark refuses to run without it. ``--stand-in`` serves a
+freshly initialised ``tiny_cnn`` at ``--image-size`` instead, a quick check of the server's own
+overhead whose figures are not the served model's (the result says which ran). Client and
+server share this machine's CPUs; each setting records how many CPU cores each of them kept busy,
+and the load average before and after is recorded too, so contention from other work on the
+machine shows in the results.
 """
 
 from __future__ import annotations
@@ -47,7 +51,13 @@ import numpy as np
 import torch
 from kserve import InferInput, InferRequest
 
-from benchmarks.common import RESULTS_DIR, cpu_seconds, load_images, write_json
+from benchmarks.common import (
+    RESULTS_DIR,
+    TRAINED_MODEL_DIR,
+    cpu_seconds,
+    load_images,
+    write_json,
+)
 from brainmri import CLASS_NAMES
 from brainmri.cpu import cpu_budget
 from brainmri.images import PreprocessConfig, decode_image
@@ -396,8 +406,18 @@ def print_summary(result: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serve", description=__doc__)
-    parser.add_argument("--model-dir", type=Path, help="a saved bundle (default: fresh tiny_cnn)")
-    parser.add_argument("--image-size", type=int, default=128, help="input size of the default")
+    parser.add_argument(
+        "--model-dir",
+        type=Path,
+        default=TRAINED_MODEL_DIR,
+        help="a saved bundle (default: bench-accuracy's trained model, %(default)s)",
+    )
+    parser.add_argument(
+        "--stand-in",
+        action="store_true",
+        help="serve an untrained tiny_cnn instead (the server's overhead, not the model's figure)",
+    )
+    parser.add_argument("--image-size", type=int, default=128, help="input size of the stand-in")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--images-per-setting", type=int, default=1536)
@@ -454,12 +474,22 @@ def drive_server(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.stand_in and not (args.model_dir / "model.json").is_file():
+        print(
+            f"error: no trained model at {args.model_dir}: run `make bench-accuracy` first (it "
+            "saves the default recipe's model there), pass --model-dir, or --stand-in for the "
+            "server's overhead alone",
+            file=sys.stderr,
+        )
+        return 2
     server_args = server_flags(args)
     load_before = os.getloadavg()
     images, source = load_images()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
-        model_dir = args.model_dir or make_bundle(Path(tmp) / "model", args.image_size)
+        model_dir = (
+            make_bundle(Path(tmp) / "model", args.image_size) if args.stand_in else args.model_dir
+        )
         bundle = ModelBundle.load(model_dir, "cpu")
         raw: dict[int, float] = {}  # per batch size: the best of 1 and all CPU threads
         raw_rows = {b: {"batch_size": b} for b in args.batch_sizes}
@@ -490,7 +520,8 @@ def main(argv: list[str] | None = None) -> int:
             "device": "cpu",
         },
         "model": {
-            "source": str(args.model_dir) if args.model_dir else "fresh tiny_cnn (untrained)",
+            "source": "stand-in: fresh tiny_cnn (untrained)" if args.stand_in else str(model_dir),
+            "test_time_flip": bundle.test_time_flip,
             "backbone": bundle.backbone,
             "image_size": bundle.preprocess.image_size,
         },
