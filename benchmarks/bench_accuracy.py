@@ -138,7 +138,7 @@ def bare_loops(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """The bare torchvision loop's throughput on the same backbone, batch and device: plain
     (fp32), and in the train step's memory format and precision (CPU bf16 autocast when the
-    recipe's ``amp`` is on and the CPU computes bf16)."""
+    recipe's ``cpu_bf16`` is on and the CPU computes bf16)."""
     config = args.train
     device = pick_device(config.device)
     preprocess = get_backbone(config.backbone).preprocess(config.image_size)
@@ -156,7 +156,7 @@ def bare_loops(
             num_workers=resolve_workers(config, device),
             learning_rate=config.peak_learning_rate,
             channels_last=same,
-            bf16=same and config.amp and cpu_has_bf16(),
+            bf16=same and config.cpu_bf16 and cpu_has_bf16(),
         )
         for same in (False, True)
     )

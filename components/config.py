@@ -84,9 +84,12 @@ class TrainConfig:
     num_workers: int = knob(-1, "DataLoader workers; -1 = auto (CPU 0, CUDA min(8, CPUs))")
     cpu_threads: int = knob(0, "torch threads on a CPU; 0 = the CPU budget of the process")
     amp: bool = knob(
-        True,
-        "mixed precision: bf16 autocast (fp32 master weights) on CUDA (fp16 + loss scaling "
-        "where bf16 is missing) and on CPUs with AVX-512-BF16 or AMX; fp32 on other CPUs",
+        True, "mixed precision on CUDA: bf16 autocast (fp16 + loss scaling where bf16 is missing)"
+    )
+    cpu_bf16: bool = knob(
+        False,
+        "bf16 autocast (fp32 master weights) on a CPU that computes bf16 natively (AVX-512-BF16 "
+        "or AMX); fp32 on other CPUs",
     )
     channels_last: bool = knob(True, "channels-last memory format")
 

@@ -240,7 +240,8 @@ class _Runner:
         self.augment = BatchAugment(augment) if augment is not None and augment.batched else None
         self.memory_format = torch.channels_last if config.channels_last else torch.preserve_format
         cuda = device.type == "cuda"
-        self.amp = config.amp and (cuda or (device.type == "cpu" and cpu_has_bf16()))
+        cpu_bf16 = config.cpu_bf16 and device.type == "cpu" and cpu_has_bf16()
+        self.amp = (config.amp and cuda) or cpu_bf16
         bf16 = not cuda or torch.cuda.is_bf16_supported()
         self.amp_dtype = torch.bfloat16 if bf16 else torch.float16
         self.scaler = torch.amp.GradScaler("cuda", enabled=cuda and self.amp and not bf16)
@@ -392,7 +393,8 @@ def _set_up(run: TrainRun) -> _Setup:
     runner = _Runner(config, device, preprocess.normalize(), run.augment)
     if ctx.is_main:
         bf16 = "" if device.type != "cpu" else f"; CPU computes bf16 natively: {cpu_has_bf16()}"
-        print(f"training on {device} in {runner.precision} (amp={config.amp}{bf16})", flush=True)
+        knobs = f"amp={config.amp}, cpu_bf16={config.cpu_bf16}{bf16}"
+        print(f"training on {device} in {runner.precision} ({knobs})", flush=True)
     model = build_model(config.backbone, len(CLASS_NAMES))
     weights_source = load_pretrained_weights(model, config.backbone) if config.pretrained else None
     model.to(device, memory_format=runner.memory_format)

@@ -17,7 +17,16 @@ def test_bench_accuracy_runs_on_a_tiny_recipe(
     argv = ["--data", str(demo_dir), "--out", str(out), "--seeds", "0", "--kfold", "2"]
     argv += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--bare-steps", "1"]
     argv += ["--backbone", "tiny_cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
-    argv += ["--test-time-flip", "true", "--batched", "true", "--ema-decay", "0.9"]
+    argv += [
+        "--test-time-flip",
+        "true",
+        "--batched",
+        "true",
+        "--ema-decay",
+        "0.9",
+        "--cpu-bf16",
+        "true",
+    ]
     assert bench_accuracy.main(argv) == 0
     result = json.loads(out.read_text())
     seed = result["seeds"][0]

@@ -292,12 +292,12 @@ def test_without_ema_the_raw_weights_are_kept(prepared: tuple[Path, Path], tmp_p
 def test_the_precision_that_ran_is_recorded(
     prepared: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bf16 autocast on a CPU that computes bf16 natively, fp32 on one that does not, and with
-    amp off."""
-    config = TrainConfig(epochs=1, **TINY)
+    """With cpu_bf16: bf16 autocast on a CPU that computes bf16 natively, fp32 on one that does
+    not; without it, fp32."""
+    config = TrainConfig(epochs=1, cpu_bf16=True, **TINY)
     monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: True)
     assert fit(prepared, tmp_path / "a", config).precision == "bf16 autocast"
-    assert fit(prepared, tmp_path / "b", replace(config, amp=False)).precision == "fp32"
+    assert fit(prepared, tmp_path / "b", replace(config, cpu_bf16=False)).precision == "fp32"
     monkeypatch.setattr(train_module, "cpu_has_bf16", lambda: False)
     assert fit(prepared, tmp_path / "c", config).precision == "fp32"
 
