@@ -506,7 +506,7 @@ def _run_epoch(
     if phase.ema is not None:
         ema_accuracy, ema_loss = evaluate(phase.ema, s.val_loader, s.runner)
         averaged = {"ema_val_accuracy": ema_accuracy, "ema_val_loss": ema_loss}
-    return averaged | {
+    return {
         "epoch": epoch,
         "phase": phase.name,
         "learning_rate": phase.scheduler.get_last_lr()[0],
@@ -517,7 +517,7 @@ def _run_epoch(
         "train_images": int(seen),
         "images_per_s": seen / train_seconds,
         "epoch_seconds": time.perf_counter() - started,
-    }
+    } | averaged
 
 
 def train_model(
