@@ -4,7 +4,8 @@
     python -m benchmarks.front A.json B.json --reference benchmarks/results/accuracy.json
 
 Reads accuracy-benchmark results (``make bench-accuracy``, one recipe each, trained with one or
-more seeds on the same grouped split) and prints a Markdown table: the recipe (the knobs where it
+more seeds on the same grouped split; files of the same recipe, run with other seeds, pool into
+one point) and prints a Markdown table: the recipe (the knobs where it
 differs from the reference), training minutes and accuracy as mean ± sd over its seeds, mean
 errors, and the paired comparison with the reference on the seeds both ran (images only the
 recipe answers right vs only the reference, McNemar's exact p per seed). A model trained with a
@@ -39,6 +40,7 @@ class Point:
     """One recipe's figures over its seeds."""
 
     name: str
+    seeds: list[int]
     minutes: list[float]
     accuracy: list[float]
     errors: list[int]
@@ -79,6 +81,7 @@ def points(result: dict[str, Any], reference: dict[str, Any]) -> list[Point]:
     seeds = result["seeds"]
     main = Point(
         name,
+        [s["seed"] for s in seeds],
         [s["training_minutes"] for s in seeds],
         [s["accuracy"] for s in seeds],
         [s["errors"] for s in seeds],
@@ -92,6 +95,7 @@ def points(result: dict[str, Any], reference: dict[str, Any]) -> list[Point]:
         main,
         Point(
             f"{name} (scored without the flip)",
+            main.seeds,
             main.minutes,
             [s["accuracy"] for s in unflipped],
             [s["errors"] for s in unflipped],
@@ -99,9 +103,29 @@ def points(result: dict[str, Any], reference: dict[str, Any]) -> list[Point]:
     ]
 
 
+def pooled(everyone: list[Point]) -> list[Point]:
+    """Points of the same recipe (other seeds, other files) as one, in first-seen order; a seed
+    already pooled is not counted twice."""
+    merged: dict[str, Point] = {}
+    for point in everyone:
+        if point.name not in merged:
+            merged[point.name] = Point(point.name, [], [], [], [], {}, point.paths)
+        into = merged[point.name]
+        for i, seed in enumerate(point.seeds):
+            if seed in into.seeds:
+                continue
+            into.seeds.append(seed)
+            into.minutes.append(point.minutes[i])
+            into.accuracy.append(point.accuracy[i])
+            into.errors.append(point.errors[i])
+            if str(seed) in point.correct:
+                into.correct[str(seed)] = point.correct[str(seed)]
+    return list(merged.values())
+
+
 def paired_with(point: Point, reference: Point) -> str:
     """``only this right vs only the reference right (p ...)`` per shared seed, or a dash."""
-    if not point.correct or point.paths != reference.paths or point is reference:
+    if not point.correct or point.paths != reference.paths or point.name == reference.name:
         return "—"
     cells = []
     for seed in sorted(set(point.correct) & set(reference.correct), key=int):
@@ -132,7 +156,7 @@ def table(everyone: list[Point], reference: Point) -> str:
     ]
     for point in sorted(everyone, key=lambda p: p.mean_minutes):
         rows.append(
-            f"| {point.name} | {len(point.accuracy)} | {point.mean_minutes:.1f} "
+            f"| {point.name} | {', '.join(map(str, point.seeds))} | {point.mean_minutes:.1f} "
             f"| {100 * point.mean_accuracy:.2f} ± {100 * point.accuracy_sd:.2f} "
             f"| {statistics.fmean(point.errors):.1f} | {paired_with(point, reference)} "
             f"| {'yes' if on_front(point, everyone) else ''} |"
@@ -197,10 +221,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     mine = points(reference, reference)
-    everyone = mine + [
-        p for result in others if "seeds" in result for p in points(result, reference)
-    ]
-    text = table(everyone, mine[0])
+    everyone = pooled(
+        mine + [p for result in others if "seeds" in result for p in points(result, reference)]
+    )
+    text = table(everyone, everyone[0])
     args.table.parent.mkdir(parents=True, exist_ok=True)
     args.table.write_text(text)
     plot(everyone, args.svg)
