@@ -24,6 +24,19 @@ def test_augment_config_of_an_older_run_loads_with_defaults() -> None:
     assert config.rotation_degrees == 5 and config.noise_kind == AugmentConfig().noise_kind
 
 
+# every transform switched off; a test switches on the one it checks
+OFF = {
+    "rotation_degrees": 0,
+    "brightness": 0,
+    "contrast": 0,
+    "hflip_probability": 0,
+    "crop_scale": 1.0,
+    "gamma": 0,
+    "bias_field": 0,
+    "noise_std": 0,
+}
+
+
 def grey_image(size: int = 32) -> torch.Tensor:
     torch.manual_seed(0)
     plane = torch.randint(20, 230, (1, size, size), dtype=torch.uint8)
@@ -42,20 +55,9 @@ def grey_image(size: int = 32) -> torch.Tensor:
     ],
 )
 def test_each_transform_changes_the_image_and_keeps_it_grey_uint8(only: dict) -> None:
-    off = {
-        "rotation_degrees": 0,
-        "brightness": 0,
-        "contrast": 0,
-        "hflip_probability": 0,
-        "crop_scale": 1.0,
-        "gamma": 0,
-        "bias_field": 0,
-        "noise_std": 0,
-        "mri_probability": 1.0,
-    }
     image = grey_image()
     torch.manual_seed(1)
-    out = build_transform(AugmentConfig(**{**off, **only}), 32)(image)
+    out = build_transform(AugmentConfig(**{**OFF, "mri_probability": 1.0, **only}), 32)(image)
     assert out.shape == image.shape and out.dtype == torch.uint8
     assert not torch.equal(out, image)
     assert torch.equal(out[0], out[1]) and torch.equal(out[1], out[2])  # grey stays grey
@@ -85,18 +87,6 @@ def test_augment_rejects_bad_parameters() -> None:
         AugmentConfig(crop_scale=0)
     with pytest.raises(ValueError, match="noise_kind"):
         AugmentConfig(noise_kind="poisson")
-
-
-OFF = {
-    "rotation_degrees": 0,
-    "brightness": 0,
-    "contrast": 0,
-    "hflip_probability": 0,
-    "crop_scale": 1.0,
-    "gamma": 0,
-    "bias_field": 0,
-    "noise_std": 0,
-}
 
 
 def grey_batch(n: int = 8, size: int = 32) -> torch.Tensor:
