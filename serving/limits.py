@@ -92,9 +92,12 @@ def replay(body: bytes, receive: Receive) -> Receive:
 
 
 class _Refused(Exception):  # noqa: N818 - a verdict carried out of the body reader
-    def __init__(self, status: int, message: str, *, drain: bool = True) -> None:
+    """A refusal. ``drain``: read the rest of the body before answering (there is some, and it
+    is small enough); ``close``: answer with ``Connection: close`` (the body is left unread)."""
+
+    def __init__(self, status: int, message: str, *, drain: bool = True, close: bool = False):
         super().__init__(message)
-        self.status, self.message, self.drain = status, message, drain
+        self.status, self.message, self.drain, self.close = status, message, drain, close
 
 
 class _Ticket:
@@ -154,21 +157,25 @@ class AdmissionMiddleware:
             finally:
                 ticket.release()
         except _Refused as refused:
-            if refused.drain:
-                await self._drain(receive, deadline)
-            await self._refuse(send, refused)
+            drained = not refused.drain or await self._drain(receive, deadline)
+            await self._refuse(send, refused, close=refused.close or not drained)
 
     def _declared_length(self, scope: Scope) -> int | None:
         text = header(scope, b"content-length")
         if text is None:
             return None
         if not text.strip().isdigit():
-            raise _Refused(400, f"Content-Length {text!r} is not a byte count", drain=False)
+            raise _Refused(
+                400, f"Content-Length {text!r} is not a byte count", drain=False, close=True
+            )
         declared = int(text)
         if declared > self.limits.max_payload_bytes:
             drain = declared <= DRAIN_FACTOR * self.limits.max_payload_bytes
             raise _Refused(
-                413, self._too_large(f"the request body is {declared} bytes"), drain=drain
+                413,
+                self._too_large(f"the request body is {declared} bytes"),
+                drain=drain,
+                close=not drain,
             )
         return declared
 
@@ -201,20 +208,21 @@ class AdmissionMiddleware:
             message = await self._receive_by(receive, deadline)
             if message["type"] != "http.request":
                 return None
-            chunk = message.get("body", b"")
+            chunk, more = message.get("body", b""), message.get("more_body", False)
             size += len(chunk)
             if size > self.limits.max_payload_bytes:
-                raise _Refused(
+                raise _Refused(  # when this was the last chunk there is nothing left to drain
                     413,
                     self._too_large(
                         f"the request body exceeds {self.limits.max_payload_bytes} bytes"
                     ),
+                    drain=more,
                 )
             if size > ticket.bytes:  # a chunked body is accounted for as it arrives
                 self._admit_bytes(size - ticket.bytes, mine=ticket.bytes)
                 ticket.grow_to(size)
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not more:
                 return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _receive_by(self, receive: Receive, deadline: float) -> Message:
@@ -226,24 +234,27 @@ class AdmissionMiddleware:
                 f"the request body did not arrive within {self.limits.body_timeout_s:g} s; "
                 "send it in one go",
                 drain=False,
+                close=True,
             ) from None
 
-    async def _drain(self, receive: Receive, deadline: float) -> None:
-        """Read and drop the rest of a refused body (bounded), so the client sees the answer."""
+    async def _drain(self, receive: Receive, deadline: float) -> bool:
+        """Read and drop the rest of a refused body (bounded), so the client sees the answer;
+        whether it was read to its end (False: the connection must close)."""
         cap, size = DRAIN_FACTOR * self.limits.max_payload_bytes, 0
         try:
             while size <= cap:
                 message = await self._receive_by(receive, deadline)
                 if message["type"] != "http.request" or not message.get("more_body", False):
-                    return
+                    return True
                 size += len(message.get("body", b""))
         except _Refused:
-            return
+            pass
+        return False
 
-    async def _refuse(self, send: Send, refused: _Refused) -> None:
+    async def _refuse(self, send: Send, refused: _Refused, *, close: bool) -> None:
         if self.on_reject is not None:
             self.on_reject(_REASONS.get(refused.status, str(refused.status)))
-        headers = [(b"connection", b"close")] if not refused.drain else []
+        headers = [(b"connection", b"close")] if close else []
         if refused.status == 429:
             headers.append((b"retry-after", str(self.limits.retry_after_s).encode()))
         await respond(send, refused.status, refused.message, headers)

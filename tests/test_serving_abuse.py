@@ -204,6 +204,31 @@ def test_oversize_bodies_get_413_naming_the_limit() -> None:
         AdmissionLimits(max_payload_bytes=0, max_inflight_requests=1, max_inflight_bytes=1)
 
 
+def test_an_oversize_body_whose_last_chunk_crosses_the_limit_is_answered_at_once() -> None:
+    """Regression: when the body's final message crosses the limit, the refusal must not wait
+    to drain a rest that never comes (uvicorn's ``receive`` then blocks until the body timeout,
+    so the client sees nothing for 30 s)."""
+    _, gate, rejected = limited_app()
+    final = {"type": "http.request", "body": b"x" * 120, "more_body": False}
+    messages = [{"type": "http.request", "body": b"{", "more_body": True}, final]
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        assert messages, "the middleware read past the end of the body"
+        return messages.pop(0)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/echo", "headers": []}
+    asyncio.run(gate(scope, receive, send))
+    start = sent[0]
+    assert start["status"] == 413 and (b"connection", b"close") not in start["headers"]
+    assert "exceeds 100 bytes" in json.loads(sent[1]["body"])["error"]
+    assert rejected == ["payload_too_large"]
+    assert (gate.inflight_requests, gate.inflight_bytes) == (0, 0)
+
+
 def test_requests_beyond_the_serving_slots_are_shed_with_429() -> None:
     """Two slots, five requests held 0.3 s each: three are shed at once, with Retry-After; a
     probe without a body is answered meanwhile; the counts return to zero."""
