@@ -25,14 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS_DIR
-from components.config import AugmentConfig, TrainConfig, to_dict
 from components.statistics import compare_paired
 
 REFERENCE = RESULTS_DIR / "accuracy.json"
 RECIPES_DIR = RESULTS_DIR / "recipes"  # one result per recipe tried, beside the reference
 SPLIT_KNOBS = ("val", "test")
-# a knob a result predates had its default value then
-DEFAULTS = {"config": to_dict(TrainConfig()), "augment": to_dict(AugmentConfig())}
+# the value each knob had before it existed: what a result that predates the knob ran
+PREDATES: dict[str, dict[str, Any]] = {
+    "config": {
+        "head_learning_rate_scale": 1.0,
+        "ema_decay": 0.0,
+        "test_time_flip": False,
+        "cpu_bf16": False,
+    },
+    "augment": {"batched": False},
+}
 
 
 @dataclass
@@ -60,16 +67,17 @@ class Point:
         return statistics.stdev(self.accuracy) if len(self.accuracy) > 1 else 0.0
 
 
+def predated(knobs: dict[str, Any], part: str) -> dict[str, Any]:
+    """``knobs`` (in their order) with the value of each knob it predates added at the end."""
+    return knobs | {k: v for k, v in PREDATES[part].items() if k not in knobs}
+
+
 def recipe_name(result: dict[str, Any], reference: dict[str, Any]) -> str:
     """The knobs (training, augmentation, split fractions) where ``result`` differs."""
     changes = []
     for part in ("config", "augment"):
-        mine, theirs = result["training"][part], reference["training"][part]
-        changes += [
-            f"{k}={v}"
-            for k, v in mine.items()
-            if k != "seed" and theirs.get(k, DEFAULTS[part].get(k)) != v
-        ]
+        mine, theirs = (predated(r["training"][part], part) for r in (result, reference))
+        changes += [f"{k}={v}" for k, v in mine.items() if k != "seed" and theirs.get(k) != v]
     mine, theirs = result["data"]["split_fractions"], reference["data"]["split_fractions"]
     changes += [f"{k}_fraction={mine[k]}" for k in SPLIT_KNOBS if mine.get(k) != theirs.get(k)]
     return ", ".join(changes) or "reference"

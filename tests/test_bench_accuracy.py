@@ -47,3 +47,27 @@ def test_bench_accuracy_runs_on_a_tiny_recipe(
     assert len(rows) == 2  # the same recipe in two files pools into one point, and it unflipped
     assert any("(scored without the flip)" in row for row in rows)
     assert svg.read_text().lstrip().startswith("<?xml")
+
+
+def test_a_result_that_predates_a_knob_is_named_by_the_value_it_ran() -> None:
+    """An old result lacks the knobs added since (it ran them off); named against a reference
+    that turns them on, it shows them off, and the reference named against it shows them on."""
+    fractions = {"val": 0.1, "test": 0.15}
+    old = {
+        "training": {"config": {"image_size": 192, "seed": 0}, "augment": {"gamma": 0.2}},
+        "data": {"split_fractions": fractions},
+    }
+    new = {
+        "training": {
+            "config": {"image_size": 160, "seed": 1, "ema_decay": 0.995, "test_time_flip": True},
+            "augment": {"gamma": 0.2, "batched": True},
+        },
+        "data": {"split_fractions": {**fractions, "val": 0.05}},
+    }
+    assert front.recipe_name(old, new) == (
+        "image_size=192, ema_decay=0.0, test_time_flip=False, batched=False, val_fraction=0.1"
+    )
+    assert front.recipe_name(new, old) == (
+        "image_size=160, ema_decay=0.995, test_time_flip=True, batched=True, val_fraction=0.05"
+    )
+    assert front.recipe_name(old, old) == "reference"
