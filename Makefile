@@ -17,7 +17,7 @@ GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 
 .PHONY: help venv run test test-unit lint format compile manifests clean images cluster-yaml upload \
-	bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-front credentials
+	bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator bench-front credentials
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -76,7 +76,7 @@ credentials: $(STAMP) ## write manifests/base/credentials/*.env with random valu
 manifests: $(STAMP) ## render the kustomize overlays with the bundled kubectl (refuses missing, placeholder or shared credentials)
 	$(BIN)/python -m brainmri.manifests render manifests/overlays/*/
 
-bench: bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step ## every benchmark (figures in benchmarks/results/*.json)
+bench: bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator ## every benchmark (figures in benchmarks/results/*.json)
 
 bench-ingest: $(STAMP) ## ingest the real data set (../shared/data/brain-mri/Training); target well under 1 min
 	$(BIN)/python -m benchmarks.bench_ingest
@@ -92,6 +92,9 @@ bench-reliability: $(STAMP) ## run every fault-injection test of the reliability
 
 bench-step: $(STAMP) ## training-step levers against each other in one process (writes benchmarks/results/step_levers.json)
 	$(BIN)/python -m benchmarks.bench_step
+
+bench-allocator: $(STAMP) ## the training step under glibc malloc, jemalloc and tcmalloc, each in its own process: images/s and page faults (writes benchmarks/results/allocators.json; needs apt libjemalloc2 libtcmalloc-minimal4)
+	$(BIN)/python -m benchmarks.bench_allocator
 
 bench-accuracy: $(STAMP) ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 idle CPU cores (BENCH_ARGS="--smoke" for a quick check)
 	$(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ARGS)

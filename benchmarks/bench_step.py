@@ -5,8 +5,10 @@
 Each lever is a way to build the network; every round times ``--steps`` whole-network training
 steps (AdamW, cross-entropy, channels-last, fp32, random uint8-range input) of each lever, in
 alternating order, so that a noisy shared machine slows all of them alike. The figure is each
-lever's median images/s over the rounds and its median ratio to the baseline within a round.
-Writes ``benchmarks/results/step_levers.json``. The levers today:
+lever's median images/s over the rounds and its median ratio to the baseline within a round,
+with the minor page faults per step (memory churn: the allocator handing large activation
+buffers back to the kernel and faulting them in again; :mod:`benchmarks.bench_allocator`
+compares allocators). Writes ``benchmarks/results/step_levers.json``. The levers today:
 
 - ``package padding``: EfficientNet-Lite0 as the ``efficientnet_lite_pytorch`` package builds
   it (TF-"same" padding by ``F.pad`` before every convolution);
@@ -17,12 +19,14 @@ Writes ``benchmarks/results/step_levers.json``. The levers today:
 
 Each round also times the recipe's augmentation on a batch of uint8 images, per sample (as the
 train step's DataLoader runs ``build_transform``) and batched (:class:`BatchAugment`): its share
-of a training step.
+of a training step, and each lever's images/s with it (on a CPU the two run one after the other):
+the old recipe's step is ``package padding`` with ``per sample``.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import statistics
 import sys
 import time
@@ -40,7 +44,7 @@ from brainmri import CLASS_NAMES
 from brainmri.cpu import cpu_budget
 from brainmri.model import build_model
 from components.augment import BatchAugment, build_transform
-from components.config import AugmentConfig
+from components.config import AugmentConfig, TrainConfig
 
 
 def package_lite0() -> nn.Module:
@@ -76,21 +80,41 @@ LEVERS: dict[str, Lever] = {
 BASELINE = "package padding"
 
 
-def images_per_s(
+@dataclass(frozen=True)
+class StepTiming:
+    images_per_s: float
+    minor_faults_per_step: float
+
+
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_steps(
     model: nn.Module, lever: Lever, images: torch.Tensor, labels: torch.Tensor, steps: int
-) -> float:
-    """Whole-network training steps per second, times the batch (two warm-up steps first)."""
+) -> StepTiming:
+    """Whole-network training steps: images per second and minor page faults per step (two
+    warm-up steps first)."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for step in range(steps + 2):
         if step == 2:
-            started = time.perf_counter()
+            started, faults = time.perf_counter(), minor_faults()
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lever.bf16_autocast):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
         optimizer.step()
-    return images.shape[0] * steps / (time.perf_counter() - started)
+    seconds = time.perf_counter() - started
+    return StepTiming(images.shape[0] * steps / seconds, (minor_faults() - faults) / steps)
+
+
+def loaded_allocator() -> str:
+    """The malloc this process runs on: ``jemalloc`` or ``tcmalloc`` when one is preloaded
+    (``LD_PRELOAD``), else ``glibc``."""
+    maps = Path("/proc/self/maps")
+    text = maps.read_text() if maps.exists() else ""
+    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in text), "glibc")
 
 
 AUGMENTATIONS = ("per sample", "batched")
@@ -117,12 +141,17 @@ def prepare(lever: Lever) -> nn.Module:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_step", description=__doc__)
-    parser.add_argument("--image-size", type=int, default=192)
+    parser.add_argument(
+        "--image-size", type=int, default=TrainConfig().image_size, help="default: the recipe's"
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument(
         "--levers", nargs="*", choices=list(LEVERS), help="default: all (the baseline always runs)"
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="only --levers (no ratios to the baseline)"
     )
     parser.add_argument("--out", type=Path, default=RESULTS_DIR / "step_levers.json")
     args = parser.parse_args(argv)
@@ -131,16 +160,19 @@ def main(argv: list[str] | None = None) -> int:
     shape = (args.batch_size, 3, args.image_size, args.image_size)
     images = torch.randn(shape).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, len(CLASS_NAMES), (args.batch_size,))
-    chosen = {BASELINE, *(args.levers or LEVERS)}
+    chosen = {*(args.levers or LEVERS), *([] if args.no_baseline else [BASELINE])}
     levers = {name: lever for name, lever in LEVERS.items() if name in chosen}
     models = {name: prepare(lever) for name, lever in levers.items()}
     rates: dict[str, list[float]] = {name: [] for name in levers}
+    faults: dict[str, list[float]] = {name: [] for name in levers}
     raw = torch.randint(0, 256, shape, dtype=torch.uint8)
     augment: dict[str, list[float]] = {way: [] for way in AUGMENTATIONS}
     for round_number in range(args.rounds):
         order = list(models) if round_number % 2 == 0 else list(reversed(models))
         for name in order:
-            rates[name].append(images_per_s(models[name], levers[name], images, labels, args.steps))
+            timing = time_steps(models[name], levers[name], images, labels, args.steps)
+            rates[name].append(timing.images_per_s)
+            faults[name].append(timing.minor_faults_per_step)
         for way, seconds in augment.items():
             seconds.append(augmentation_seconds(raw, way))
         print(f"round {round_number}: " + ", ".join(f"{n} {r[-1]:.1f}" for n, r in rates.items()))
@@ -150,16 +182,27 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "step_levers",
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "setup": {k: v for k, v in vars(args).items() if k != "out"}
-        | {"threads": torch.get_num_threads(), "precision": "fp32"},
-        "baseline": BASELINE,
+        | {
+            "threads": torch.get_num_threads(),
+            "precision": "fp32 master weights",
+            "allocator": loaded_allocator(),
+        },
+        "baseline": BASELINE if BASELINE in rates else None,
         "levers": {
             name: {
                 "images_per_s_median": statistics.median(values),
                 "images_per_s": [round(v, 2) for v in values],
-                "ratio_to_baseline_median": statistics.median(
-                    v / b for v, b in zip(values, rates[BASELINE], strict=True)
-                ),
+                "minor_faults_per_step_median": statistics.median(faults[name]),
             }
+            | (
+                {
+                    "ratio_to_baseline_median": statistics.median(
+                        v / b for v, b in zip(values, rates[BASELINE], strict=True)
+                    )
+                }
+                if BASELINE in rates
+                else {}
+            )
             for name, values in rates.items()
         },
         "augmentation": {
@@ -169,15 +212,21 @@ def main(argv: list[str] | None = None) -> int:
                     name: augmenting / (augmenting + seconds)
                     for name, seconds in step_seconds.items()
                 },
+                "images_per_s_with_it": {  # the CPU augments, then trains: one after the other
+                    name: args.batch_size / (augmenting + seconds)
+                    for name, seconds in step_seconds.items()
+                },
             }
             for way, augmenting in augment_seconds.items()
         },
     }
     write_json(result, args.out)
     for name, figures in result["levers"].items():
+        ratio = figures.get("ratio_to_baseline_median")
         print(
-            f"{name:16s} {figures['images_per_s_median']:.1f} img/s, "
-            f"{figures['ratio_to_baseline_median']:.2f}x {BASELINE}; augmentation "
+            f"{name:16s} {figures['images_per_s_median']:.1f} img/s"
+            + (f", {ratio:.2f}x {BASELINE}" if ratio else "")
+            + f", {figures['minor_faults_per_step_median']:,.0f} minor faults a step; augmentation "
             + ", ".join(
                 f"{way} {figures['share_of_step'][name]:.0%}"
                 for way, figures in result["augmentation"].items()
