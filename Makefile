@@ -15,9 +15,15 @@ DOCKER ?= docker
 CLUSTER_YAML ?= build/brain_mri_pipeline.yaml
 GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
+# Debian packages the local runs use when present (the component image installs them too)
+DEBIAN_PACKAGES := libtcmalloc-minimal4
+# training's malloc, as in the component image: tcmalloc steps 1.10x glibc's at 1/70 of its page
+# faults (benchmarks/results/allocators.json); recursive, so it sees what debian-packages installed
+TCMALLOC_LIB = $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
+ON_TCMALLOC = $(if $(TCMALLOC_LIB),LD_PRELOAD=$(TCMALLOC_LIB))
 
 .PHONY: help venv run test test-unit lint format compile manifests clean images cluster-yaml upload \
-	bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator bench-front credentials
+	debian-packages bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator bench-train-speed bench-front credentials
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -30,11 +36,21 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP) ## create .venv and install the package with its dev tools (once)
 
-run: $(STAMP) ## demo end to end: local S3, pipeline via kfp.local, KServe server, one query (DATA=folder|s3://bucket/prefix)
-	$(BIN)/python -m pipelines.quickstart $(if $(DATA),--data "$(DATA)")
+debian-packages: ## install DEBIAN_PACKAGES with apt-get when missing and run as root; else say what is missing
+	@missing=$$(for p in $(DEBIAN_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || echo $$p; done); \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing Debian packages: $$missing"; \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; } \
+	    || echo "apt-get failed: runs go on without $$missing"; \
+	else echo "optional Debian packages missing: $$missing (sudo apt-get install $$missing); runs go on without them"; fi
 
-test: $(STAMP) ## run the test suite (unit and integration tests)
-	$(BIN)/python -m pytest
+run: $(STAMP) debian-packages ## demo end to end: local S3, pipeline via kfp.local, KServe server, one query (DATA=folder|s3://bucket/prefix)
+	$(ON_TCMALLOC) $(BIN)/python -m pipelines.quickstart $(if $(DATA),--data "$(DATA)")
+
+test: $(STAMP) debian-packages ## run the test suite (unit and integration tests)
+	$(ON_TCMALLOC) $(BIN)/python -m pytest
 
 test-unit: $(STAMP) ## only the unit tests: no server, subprocess or kfp.local run (well under a minute)
 	$(BIN)/python -m pytest -m unit
@@ -76,7 +92,7 @@ credentials: $(STAMP) ## write manifests/base/credentials/*.env with random valu
 manifests: $(STAMP) ## render the kustomize overlays with the bundled kubectl (refuses missing, placeholder or shared credentials)
 	$(BIN)/python -m brainmri.manifests render manifests/overlays/*/
 
-bench: bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator ## every benchmark (figures in benchmarks/results/*.json)
+bench: bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator bench-train-speed ## every benchmark (figures in benchmarks/results/*.json)
 
 bench-ingest: $(STAMP) ## ingest the real data set (../shared/data/brain-mri/Training); target well under 1 min
 	$(BIN)/python -m benchmarks.bench_ingest
@@ -90,14 +106,17 @@ bench-load: $(STAMP) ## load test: 10,000 mixed valid/hostile requests at concur
 bench-reliability: $(STAMP) ## run every fault-injection test of the reliability table (writes benchmarks/results/reliability.json)
 	$(BIN)/python -m benchmarks.bench_reliability
 
-bench-step: $(STAMP) ## training-step levers against each other in one process (writes benchmarks/results/step_levers.json)
-	$(BIN)/python -m benchmarks.bench_step
+bench-step: $(STAMP) debian-packages ## training-step levers against each other in one process (writes benchmarks/results/step_levers.json)
+	$(ON_TCMALLOC) $(BIN)/python -m benchmarks.bench_step
 
 bench-allocator: $(STAMP) ## the training step under glibc malloc, jemalloc and tcmalloc, each in its own process: images/s and page faults (writes benchmarks/results/allocators.json; needs apt libjemalloc2 libtcmalloc-minimal4)
 	$(BIN)/python -m benchmarks.bench_allocator
 
-bench-accuracy: $(STAMP) ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 idle CPU cores (BENCH_ARGS="--smoke" for a quick check)
-	$(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ARGS)
+bench-train-speed: $(STAMP) debian-packages ## whole training epochs on real slices, old recipe vs new (augmentation per sample or batched, glibc or tcmalloc), each in its own process (writes benchmarks/results/train_speed.json)
+	$(BIN)/python -m benchmarks.bench_train_speed
+
+bench-accuracy: $(STAMP) debian-packages ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 idle CPU cores (BENCH_ARGS="--smoke" for a quick check)
+	$(ON_TCMALLOC) $(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ARGS)
 
 bench-front: $(STAMP) ## every measured recipe (benchmarks/results/recipes/*.json) against the default: table and time-accuracy front (levers.md, front.svg)
 	$(BIN)/python -m benchmarks.front

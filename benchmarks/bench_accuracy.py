@@ -21,6 +21,7 @@ paired comparisons); with ``--kfold``, the out-of-fold accuracy over the whole s
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import shutil
 import statistics
@@ -46,7 +47,7 @@ from benchmarks.common import (
 )
 from brainmri import CLASS_NAMES
 from brainmri.backbones import get_backbone
-from brainmri.cpu import cpu_has_bf16
+from brainmri.cpu import cpu_has_bf16, loaded_allocator
 from brainmri.dataset import MANIFEST_FILE, load_image_set, read_manifest, read_near_pairs
 from brainmri.model import load_bundle, pick_device
 from components.config import (
@@ -95,6 +96,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--limit-per-class", type=int, default=0, help="0: every image")
     parser.add_argument("--bare-steps", type=int, default=30, help="timed steps of the bare loop")
     parser.add_argument("--workdir", type=Path, help="keep the dataset and models here")
+    parser.add_argument(
+        "--merge",
+        type=Path,
+        nargs="+",
+        help="train nothing: pool these results of one recipe, each run with other seeds, into "
+        "--out (the reference is one such file, run once per seed)",
+    )
     parser.add_argument(
         "--smoke",
         action="store_true",
@@ -273,6 +281,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch_threads": torch.get_num_threads(),
+        "allocator": loaded_allocator(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -285,8 +294,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def seeds_record(
     args: argparse.Namespace, work: Path, dataset: Path, split: pd.DataFrame
 ) -> dict[str, Any]:
-    """Every training seed trained and scored on the one grouped split, next to the bare loop
-    (long: it is the JSON's schema, written out as literals)."""
+    """Every training seed trained and scored on the one grouped split, next to the bare loop."""
     seeds = []
     without_flip = {}
     for seed in args.seeds:
@@ -296,44 +304,54 @@ def seeds_record(
             without_flip[seed] = unflipped
         print(f"seed {seed}: {evaluation.accuracy:.4f} ({evaluation.errors} errors)", flush=True)
     bare, bare_cl = bare_loops(args, dataset, split)
-    images_per_s = statistics.fmean(r.train_images_per_s for _, r, _ in seeds)
-    minutes = [r.training_seconds / 60 for _, r, _ in seeds]
-    accuracy = mean_sd([e.accuracy for _, _, e in seeds])
     test_paths = seeds[0][2].predictions["path"].tolist()
+    runs = [
+        {
+            "seed": seed,
+            **scores(evaluation),
+            "training_minutes": result.training_seconds / 60,
+            "images_per_s": result.train_images_per_s,
+            "precision": result.precision,
+            "selected_weights": result.selected_weights,
+            "best_epoch": result.best_epoch,
+            "best_val_accuracy": result.best_val_accuracy,
+            "stopped_early": result.stopped_early,
+            "history": result.history,
+        }
+        | flip_lever(evaluation, without_flip.get(seed))
+        for seed, result, evaluation in seeds
+    ]
+    answers = {
+        "paths": test_paths,
+        "correct": {
+            str(seed): e.predictions.set_index("path").loc[test_paths, "correct"].tolist()
+            for seed, _, e in seeds
+        },
+    }
+    return aggregate(runs, bare, bare_cl, answers)
+
+
+def aggregate(
+    runs: list[dict[str, Any]], bare: dict[str, Any], bare_cl: dict[str, Any], answers: dict
+) -> dict[str, Any]:
+    """The seeds part of a result from its per-seed ``runs``: their mean ± sd, the bare loops'
+    ratios and the goals (the JSON's schema, written out as literals)."""
+    images_per_s = statistics.fmean(r["images_per_s"] for r in runs)
+    minutes = [r["training_minutes"] for r in runs]
+    accuracy = mean_sd([r["accuracy"] for r in runs])
     return {
         "accuracy": accuracy,
-        "errors": mean_sd([float(e.errors) for _, _, e in seeds]),
-        "balanced_accuracy": mean_sd([e.balanced_accuracy for _, _, e in seeds]),
-        "test_images": len(test_paths),
+        "errors": mean_sd([float(r["errors"]) for r in runs]),
+        "balanced_accuracy": mean_sd([r["balanced_accuracy"] for r in runs]),
+        "test_images": len(answers["paths"]),
         "training_minutes": mean_sd(minutes),
         "images_per_s": images_per_s,
         "bare_torchvision_loop": bare,
         "throughput_ratio": images_per_s / bare["images_per_s"],
         "bare_torchvision_loop_channels_last": bare_cl,
         "throughput_ratio_same_memory_format": images_per_s / bare_cl["images_per_s"],
-        "seeds": [
-            {
-                "seed": seed,
-                **scores(evaluation),
-                "training_minutes": result.training_seconds / 60,
-                "images_per_s": result.train_images_per_s,
-                "precision": result.precision,
-                "selected_weights": result.selected_weights,
-                "best_epoch": result.best_epoch,
-                "best_val_accuracy": result.best_val_accuracy,
-                "stopped_early": result.stopped_early,
-                "history": result.history,
-            }
-            | flip_lever(evaluation, without_flip.get(seed))
-            for seed, result, evaluation in seeds
-        ],
-        "test_answers": {
-            "paths": test_paths,
-            "correct": {
-                str(seed): e.predictions.set_index("path").loc[test_paths, "correct"].tolist()
-                for seed, _, e in seeds
-            },
-        },
+        "seeds": runs,
+        "test_answers": answers,
         "goals": GOALS,
         "goals_met": {
             "accuracy_mean": accuracy["mean"] >= GOALS["accuracy_mean"],
@@ -342,6 +360,53 @@ def seeds_record(
             "throughput_ratio": images_per_s / bare_cl["images_per_s"] >= GOALS["throughput_ratio"],
         },
     }
+
+
+class NotOneRecipe(ValueError):
+    """Results that cannot pool: another recipe, split or machine set-up, or a repeated seed."""
+
+
+def merged(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Results of one recipe trained with different seeds (one ``make bench-accuracy`` run each)
+    as the one result of all its seeds; the bare loops' images/s averaged over the runs."""
+    first = results[0]
+
+    def same(*keys: str) -> Any:
+        def value(result: dict[str, Any]) -> Any:
+            for key in keys:
+                result = result[key]
+            return result
+
+        if any(value(r) != value(first) for r in results[1:]):
+            raise NotOneRecipe(f"the results differ in {'.'.join(keys)}: not one recipe")
+        return value(first)
+
+    for keys in (("data", "fingerprint"), ("data", "split_sizes"), ("test_answers", "paths")):
+        same(*keys)
+    same("training", "augment")
+    same("environment")
+    configs = [{k: v for k, v in r["training"]["config"].items() if k != "seed"} for r in results]
+    if any(config != configs[0] for config in configs):
+        raise NotOneRecipe("the results differ in training.config beyond the seed: not one recipe")
+    runs = [run for result in results for run in result["seeds"]]
+    if len({run["seed"] for run in runs}) != len(runs):
+        raise NotOneRecipe(f"a seed repeats: {sorted(run['seed'] for run in runs)}")
+    bare = {
+        name: first[name]
+        | {"images_per_s": statistics.fmean(r[name]["images_per_s"] for r in results)}
+        for name in ("bare_torchvision_loop", "bare_torchvision_loop_channels_last")
+    }
+    answers = {
+        "paths": first["test_answers"]["paths"],
+        "correct": {k: v for r in results for k, v in r["test_answers"]["correct"].items()},
+    }
+    return (
+        {k: first[k] for k in ("benchmark", "smoke")}
+        | {"finished_at": max(r["finished_at"] for r in results)}
+        | aggregate(runs, *bare.values(), answers)
+        | {k: first[k] for k in ("data", "training", "environment")}
+        | {"wall_minutes": sum(r["wall_minutes"] for r in results)}
+    )
 
 
 def flip_lever(flipped: Evaluation, unflipped: Evaluation | None) -> dict[str, Any]:
@@ -430,6 +495,8 @@ def seeds_summary(result: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge_files(args.merge, args.out)
     if not args.data.is_dir():
         print(f"skipped: no data at {args.data} (the real MRI set lives in ../shared/data)")
         return 0
@@ -442,6 +509,19 @@ def main(argv: list[str] | None = None) -> int:
     write_json(result, args.out)
     print(summary(result))
     print(f"wrote {args.out}")
+    return 0
+
+
+def merge_files(paths: list[Path], out: Path) -> int:
+    """``--merge``: the results in ``paths`` pooled into ``out``; 2 when they cannot pool."""
+    try:
+        result = merged([json.loads(path.read_text()) for path in paths])
+    except (OSError, ValueError, KeyError) as err:
+        print(f"error: cannot merge {', '.join(map(str, paths))}: {err}", file=sys.stderr)
+        return 2
+    write_json(result, out)
+    print(summary(result))
+    print(f"wrote {out} from {len(paths)} results")
     return 0
 
 

@@ -28,7 +28,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from benchmarks import bench_step
-from benchmarks.common import RESULTS_DIR, write_json
+from benchmarks.common import RESULTS_DIR, rate_summary, write_json
+from brainmri.cpu import TCMALLOC
 from components.config import TrainConfig
 
 # allocator -> the environment that selects it for a new process
@@ -43,29 +44,42 @@ ALLOCATORS: dict[str, dict[str, str]] = {
         "MALLOC_CONF": "oversize_threshold:1,background_thread:true,metadata_thp:auto,"
         "dirty_decay_ms:-1,muzzy_decay_ms:-1",
     },
-    "tcmalloc": {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
+    "tcmalloc": {"LD_PRELOAD": TCMALLOC},
 }
 DEBIAN_PACKAGES = {"jemalloc": "libjemalloc2", "tcmalloc": "libtcmalloc-minimal4"}
 REFERENCE = "glibc"
 ENVIRONMENT = {name for env in ALLOCATORS.values() for name in env}  # cleared for each child
 
 
+def child_environment(allocator: str) -> dict[str, str]:
+    """This process's environment with ``allocator`` selected instead of any other."""
+    return {k: v for k, v in os.environ.items() if k not in ENVIRONMENT} | ALLOCATORS[allocator]
+
+
+def refuse_unloaded(allocator: str, loaded: str) -> None:
+    """Stop when a child ran on ``loaded`` instead of ``allocator`` (the loader only warns)."""
+    family = allocator.split("-")[0]
+    if loaded != family:
+        raise SystemExit(
+            f"{ALLOCATORS[allocator]['LD_PRELOAD']} did not load (the child ran on {loaded}): "
+            f"apt-get install {DEBIAN_PACKAGES[family]}, or leave {allocator} out"
+        )
+
+
 def run_in_process(allocator: str, args: argparse.Namespace, out: Path) -> dict:
     """One ``bench_step`` round of ``args.lever`` in a fresh process running ``allocator``: its
-    lever figures. Refuses when the library did not load (the loader only warns)."""
-    env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT} | ALLOCATORS[allocator]
+    lever figures. Refuses when the library did not load."""
     command = [sys.executable, "-m", "benchmarks.bench_step", "--levers", args.lever]
     command += ["--no-baseline", "--rounds", "1", "--steps", str(args.steps)]
     command += ["--image-size", str(args.image_size), "--batch-size", str(args.batch_size)]
-    subprocess.run([*command, "--out", str(out)], check=True, env=env, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*command, "--out", str(out)],
+        check=True,
+        env=child_environment(allocator),
+        stdout=subprocess.DEVNULL,
+    )
     result = json.loads(out.read_text())
-    family = allocator.split("-")[0]
-    if result["setup"]["allocator"] != family:
-        raise SystemExit(
-            f"{ALLOCATORS[allocator]['LD_PRELOAD']} did not load (the step ran on "
-            f"{result['setup']['allocator']}): apt-get install {DEBIAN_PACKAGES[family]}, or "
-            "leave it out of --allocators"
-        )
+    refuse_unloaded(allocator, result["setup"]["allocator"])
     return result["levers"][args.lever]
 
 
@@ -109,15 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "setup": {k: v for k, v in vars(args).items() if k != "out"} | {"reference": REFERENCE},
         "allocators": {
-            name: {
-                "environment": ALLOCATORS[name],
-                "images_per_s_median": statistics.median(values),
-                "images_per_s": [round(v, 2) for v in values],
-                "minor_faults_per_step_median": statistics.median(faults[name]),
-                "ratio_to_glibc_median": statistics.median(
-                    v / b for v, b in zip(values, rates[REFERENCE], strict=True)
-                ),
-            }
+            name: {"environment": ALLOCATORS[name]}
+            | rate_summary(values, rates[REFERENCE], "ratio_to_glibc_median")
+            | {"minor_faults_per_step_median": statistics.median(faults[name])}
             for name, values in rates.items()
         },
     }

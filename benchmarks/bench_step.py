@@ -15,7 +15,10 @@ compares allocators). Writes ``benchmarks/results/step_levers.json``. The levers
 - ``native padding``: the project's build (:func:`brainmri.backbones.native_same_padding`);
 - ``+ bf16 autocast``: its forward pass under ``torch.autocast("cpu", torch.bfloat16)``;
 - ``+ torch.compile``: the model compiled by inductor (the compile is in the warm-up steps);
-- ``+ bf16 autocast + torch.compile``: both.
+- ``+ bf16 autocast + torch.compile``: both;
+- ``+ torch.compile of the whole step``: the model and the AdamW step compiled (the forward and
+  backward graphs come from compiling the model; the optimizer is the rest of the step);
+- ``+ fused AdamW``: ``AdamW(fused=True)``, the update of every parameter in one kernel.
 
 Each round also times the recipe's augmentation on a batch of uint8 images, per sample (as the
 train step's DataLoader runs ``build_transform``) and batched (:class:`BatchAugment`): its share
@@ -41,7 +44,7 @@ from torch import nn
 
 from benchmarks.common import RESULTS_DIR, write_json
 from brainmri import CLASS_NAMES
-from brainmri.cpu import cpu_budget
+from brainmri.cpu import cpu_budget, loaded_allocator
 from brainmri.model import build_model
 from components.augment import BatchAugment, build_transform
 from components.config import AugmentConfig, TrainConfig
@@ -66,6 +69,8 @@ class Lever:
     build: Callable[[], nn.Module]
     bf16_autocast: bool = False  # the forward pass under CPU bf16 autocast, fp32 master weights
     compiled: bool = False  # torch.compile of the model (inductor; needs a C compiler)
+    compiled_optimizer: bool = False  # torch.compile of the optimizer step too: the whole step
+    fused_optimizer: bool = False  # AdamW(fused=True): one kernel over every parameter
 
 
 LEVERS: dict[str, Lever] = {
@@ -76,6 +81,10 @@ LEVERS: dict[str, Lever] = {
     "native padding + bf16 autocast + torch.compile": Lever(
         project_lite0, bf16_autocast=True, compiled=True
     ),
+    "native padding + torch.compile of the whole step": Lever(
+        project_lite0, compiled=True, compiled_optimizer=True
+    ),
+    "native padding + fused AdamW": Lever(project_lite0, fused_optimizer=True),
 }
 BASELINE = "package padding"
 
@@ -95,7 +104,8 @@ def time_steps(
 ) -> StepTiming:
     """Whole-network training steps: images per second and minor page faults per step (two
     warm-up steps first)."""
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=lever.fused_optimizer or None)
+    update = torch.compile(optimizer.step) if lever.compiled_optimizer else optimizer.step
     model.train()
     for step in range(steps + 2):
         if step == 2:
@@ -104,17 +114,9 @@ def time_steps(
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=lever.bf16_autocast):
             loss = F.cross_entropy(model(images), labels)
         loss.backward()
-        optimizer.step()
+        update()
     seconds = time.perf_counter() - started
     return StepTiming(images.shape[0] * steps / seconds, (minor_faults() - faults) / steps)
-
-
-def loaded_allocator() -> str:
-    """The malloc this process runs on: ``jemalloc`` or ``tcmalloc`` when one is preloaded
-    (``LD_PRELOAD``), else ``glibc``."""
-    maps = Path("/proc/self/maps")
-    text = maps.read_text() if maps.exists() else ""
-    return next((name for name in ("jemalloc", "tcmalloc") if f"lib{name}" in text), "glibc")
 
 
 AUGMENTATIONS = ("per sample", "batched")

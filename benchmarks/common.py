@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,13 @@ def cpu_seconds(pid: int) -> float:
     """User + system CPU time of process ``pid`` (all its threads), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def rate_summary(values: list[float], reference: list[float], ratio_name: str) -> dict[str, Any]:
+    """Images/s measured once per round: the median, every round's figure, and the median of
+    the per-round ratios to ``reference`` (measured in the same rounds) under ``ratio_name``."""
+    return {
+        "images_per_s_median": statistics.median(values),
+        "images_per_s": [round(v, 2) for v in values],
+        ratio_name: statistics.median(v / b for v, b in zip(values, reference, strict=True)),
+    }

@@ -39,6 +39,7 @@ PREDATES: dict[str, dict[str, Any]] = {
         "cpu_bf16": False,
     },
     "augment": {"batched": False},
+    "environment": {"allocator": "glibc"},
 }
 
 
@@ -73,11 +74,14 @@ def predated(knobs: dict[str, Any], part: str) -> dict[str, Any]:
 
 
 def recipe_name(result: dict[str, Any], reference: dict[str, Any]) -> str:
-    """The knobs (training, augmentation, split fractions) where ``result`` differs."""
+    """The knobs (training, augmentation, malloc, split fractions) where ``result`` differs."""
     changes = []
     for part in ("config", "augment"):
         mine, theirs = (predated(r["training"][part], part) for r in (result, reference))
         changes += [f"{k}={v}" for k, v in mine.items() if k != "seed" and theirs.get(k) != v]
+    mine, theirs = (predated(r.get("environment", {}), "environment") for r in (result, reference))
+    if mine["allocator"] != theirs["allocator"]:
+        changes.append(f"malloc={mine['allocator']}")
     mine, theirs = result["data"]["split_fractions"], reference["data"]["split_fractions"]
     changes += [f"{k}_fraction={mine[k]}" for k in SPLIT_KNOBS if mine.get(k) != theirs.get(k)]
     return ", ".join(changes) or "reference"

@@ -37,3 +37,16 @@ def cpu_has_bf16() -> bool:
     import torch  # here, so the CPU budget stays importable without the ML stack
 
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+MALLOCS = ("jemalloc", "tcmalloc")  # the allocators a process may be started on (LD_PRELOAD)
+# what training runs on (the component image's LD_PRELOAD, `make run`/`make test`), Debian's
+# libtcmalloc-minimal4: 1.10x glibc's images/s (benchmarks/results/allocators.json)
+TCMALLOC = "libtcmalloc_minimal.so.4"
+
+
+def loaded_allocator(maps: Path = Path("/proc/self/maps")) -> str:
+    """The malloc this process runs on: ``jemalloc`` or ``tcmalloc`` when one is preloaded
+    (``LD_PRELOAD``), else ``glibc``."""
+    text = maps.read_text() if maps.exists() else ""
+    return next((name for name in MALLOCS if f"lib{name}" in text), "glibc")

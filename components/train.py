@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from brainmri import CLASS_NAMES
 from brainmri.backbones import get_backbone
-from brainmri.cpu import cpu_budget, cpu_has_bf16
+from brainmri.cpu import cpu_budget, cpu_has_bf16, loaded_allocator
 from brainmri.dataset import ImageSet, load_image_set
 from brainmri.model import (
     ModelBundle,
@@ -393,7 +393,7 @@ def _set_up(run: TrainRun) -> _Setup:
     runner = _Runner(config, device, preprocess.normalize(), run.augment)
     if ctx.is_main:
         bf16 = "" if device.type != "cpu" else f"; CPU computes bf16 natively: {cpu_has_bf16()}"
-        knobs = f"amp={config.amp}, cpu_bf16={config.cpu_bf16}{bf16}"
+        knobs = f"amp={config.amp}, cpu_bf16={config.cpu_bf16}{bf16}; malloc: {loaded_allocator()}"
         print(f"training on {device} in {runner.precision} ({knobs})", flush=True)
     model = build_model(config.backbone, len(CLASS_NAMES))
     weights_source = load_pretrained_weights(model, config.backbone) if config.pretrained else None

@@ -20,6 +20,7 @@ import torch
 import yaml
 from kubernetes import client
 
+from brainmri.cpu import cpu_budget, loaded_allocator
 from brainmri.kube import (
     PENDING,
     TIMEOUT,
@@ -188,6 +189,8 @@ def run_pytorch_job(
 def run_replica(run: TrainRun, store: ObjectStore | None = None) -> None:
     """One replica: fetch the inputs, train under DDP, and (rank 0) publish the model."""
     ctx = DistributedContext.from_env()
+    runtime = f"{cpu_budget()} CPUs, malloc {loaded_allocator()}"
+    print(f"replica {ctx.rank} of {ctx.world_size}: {runtime}", flush=True)
     with tempfile.TemporaryDirectory(prefix=f"rank{ctx.rank}-") as work:
         work_dir = Path(work)
         local = run.at(

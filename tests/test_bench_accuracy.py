@@ -14,10 +14,11 @@ def test_bench_accuracy_runs_on_a_tiny_recipe(
 ) -> None:
     monkeypatch.setattr(bench_accuracy, "TRAINED_MODEL_DIR", tmp_path / "served")
     out = tmp_path / "accuracy.json"
-    argv = ["--data", str(demo_dir), "--out", str(out), "--seeds", "0", "--kfold", "2"]
-    argv += ["--val-fraction", "0.25", "--test-fraction", "0.25", "--bare-steps", "1"]
-    argv += ["--backbone", "tiny_cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
-    argv += [
+    recipe = ["--data", str(demo_dir), "--val-fraction", "0.25", "--test-fraction", "0.25"]
+    recipe += ["--backbone", "tiny_cnn", "--image-size", "32", "--epochs", "1", "--batch-size", "8"]
+    recipe += [
+        "--bare-steps",
+        "1",
         "--test-time-flip",
         "true",
         "--batched",
@@ -27,6 +28,7 @@ def test_bench_accuracy_runs_on_a_tiny_recipe(
         "--cpu-bf16",
         "true",
     ]
+    argv = [*recipe, "--out", str(out), "--seeds", "0", "--kfold", "2"]
     assert bench_accuracy.main(argv) == 0
     result = json.loads(out.read_text())
     seed = result["seeds"][0]
@@ -48,6 +50,18 @@ def test_bench_accuracy_runs_on_a_tiny_recipe(
     assert any("(scored without the flip)" in row for row in rows)
     assert svg.read_text().lstrip().startswith("<?xml")
 
+    again = tmp_path / "seed1.json"  # the same recipe, another seed: pools into one result
+    assert bench_accuracy.main([*recipe, "--seeds", "1", "--out", str(again)]) == 0
+    pooled = tmp_path / "pooled.json"
+    assert bench_accuracy.main(["--merge", str(out), str(again), "--out", str(pooled)]) == 0
+    both = json.loads(pooled.read_text())
+    assert [run["seed"] for run in both["seeds"]] == [0, 1]
+    assert set(both["test_answers"]["correct"]) == {"0", "1"}
+    errors = [r["seeds"][0]["errors"] for r in (result, json.loads(again.read_text()))]
+    assert both["errors"]["values"] == errors
+    twice = ["--merge", str(out), str(out), "--out", str(pooled)]
+    assert bench_accuracy.main(twice) == 2  # seed 0 twice: refused
+
 
 def test_a_result_that_predates_a_knob_is_named_by_the_value_it_ran() -> None:
     """An old result lacks the knobs added since (it ran them off); named against a reference
@@ -63,11 +77,14 @@ def test_a_result_that_predates_a_knob_is_named_by_the_value_it_ran() -> None:
             "augment": {"gamma": 0.2, "batched": True},
         },
         "data": {"split_fractions": {**fractions, "val": 0.05}},
+        "environment": {"allocator": "tcmalloc"},
     }
     assert front.recipe_name(old, new) == (
-        "image_size=192, ema_decay=0.0, test_time_flip=False, batched=False, val_fraction=0.1"
+        "image_size=192, ema_decay=0.0, test_time_flip=False, batched=False, malloc=glibc, "
+        "val_fraction=0.1"
     )
     assert front.recipe_name(new, old) == (
-        "image_size=160, ema_decay=0.995, test_time_flip=True, batched=True, val_fraction=0.05"
+        "image_size=160, ema_decay=0.995, test_time_flip=True, batched=True, malloc=tcmalloc, "
+        "val_fraction=0.05"
     )
     assert front.recipe_name(old, old) == "reference"

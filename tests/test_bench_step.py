@@ -1,5 +1,5 @@
-"""The training-step lever and allocator benchmarks run and write their figures (tiny input,
-one step)."""
+"""The training-step lever, allocator and training-speed benchmarks run and write their figures
+(tiny input, one step or epoch)."""
 
 import ctypes.util
 import json
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import bench_allocator, bench_step
+from benchmarks import bench_allocator, bench_step, bench_train_speed
 
 
 def test_bench_step_smoke(tmp_path: Path) -> None:
@@ -54,3 +54,21 @@ def test_bench_allocator_refuses_an_allocator_that_did_not_load(
     argv = ["--image-size", "48", "--batch-size", "2", "--steps", "1", "--rounds", "1"]
     with pytest.raises(SystemExit, match="did not load.*apt-get install libjemalloc2"):
         bench_allocator.main([*argv, "--allocators", "jemalloc", "--out", str(tmp_path / "a")])
+
+
+def test_bench_train_speed_trains_each_variant_as_a_replica_in_its_own_process(
+    demo_dir: Path, tmp_path: Path
+) -> None:
+    """The old way and the new (on tcmalloc where it is installed) each train real epochs
+    through the replica entry point; the malloc each ran on is checked."""
+    batched = "batched augmentation, fp32, glibc"
+    if ctypes.util.find_library("tcmalloc_minimal") is not None:
+        batched = next(reversed(bench_train_speed.VARIANTS))  # the new way, on tcmalloc
+    out = tmp_path / "train_speed.json"
+    argv = ["--data", str(demo_dir), "--limit-per-class", "12", "--backbone", "tiny_cnn"]
+    argv += ["--image-size", "32", "--epochs", "2", "--rounds", "1", "--variants", batched]
+    assert bench_train_speed.main([*argv, "--out", str(out)]) == 0
+    variants = json.loads(out.read_text())["variants"]
+    assert list(variants) == [bench_train_speed.REFERENCE, batched]
+    assert variants[bench_train_speed.REFERENCE]["ratio_to_old_median"] == 1.0
+    assert all(v["images_per_s_median"] > 0 for v in variants.values())

@@ -12,6 +12,7 @@ environment, mounts and security context a cluster would give it (``tests/pod_sa
 
 from __future__ import annotations
 
+import ctypes.util
 import json
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from kfp import dsl
 from kfp.local import executor_input_utils
 from kfp.pipeline_spec import pipeline_spec_pb2
 
+from brainmri.cpu import TCMALLOC
 from brainmri.inference_service import storage_uri_of
 from brainmri.storage import ObjectStore, S3Uri
 from tests.bundles import save_tiny_bundle
@@ -149,6 +151,20 @@ def test_the_pytorchjob_replicas_start(replica: str, s3_env: dict[str, str]) -> 
         outcome.output[-3000:]
     )
     assert "usage:" not in outcome.output and "ModuleNotFoundError" not in outcome.output
+    assert_trains_on_tcmalloc(outcome.output, replica)
+
+
+def assert_trains_on_tcmalloc(output: str, replica: str) -> None:
+    """The image's LD_PRELOAD (tcmalloc, installed by its Dockerfile) loaded in the replica;
+    here that needs Debian's libtcmalloc-minimal4 (``make test`` installs it when it can)."""
+    assert COMPONENT_IMAGE.env["LD_PRELOAD"] == TCMALLOC
+    assert f"replica {1 if replica == 'Worker' else 0} of 2" in output, output[-3000:]
+    if ctypes.util.find_library("tcmalloc_minimal") is None:
+        pytest.skip(
+            "libtcmalloc-minimal4 is not installed here (apt-get install it): the image's "
+            f"LD_PRELOAD={TCMALLOC} could not load, so the {replica} ran on glibc malloc"
+        )
+    assert "malloc tcmalloc" in output, output[-3000:]
 
 
 def compiled_steps() -> tuple[dict, dict]:

@@ -16,7 +16,7 @@ from brainmri.backbones import (
     PretrainedWeightsUnavailable,
     get_backbone,
 )
-from brainmri.cpu import cpu_budget
+from brainmri.cpu import TCMALLOC, cpu_budget, loaded_allocator
 from brainmri.model import (
     ModelBundle,
     build_model,
@@ -185,3 +185,12 @@ def test_native_padding_gives_the_packages_output_and_state_dict() -> None:
         for size in (63, 64, 192):
             images = torch.randn(2, 3, size, size)
             assert torch.allclose(ours(images), package(images), atol=1e-5), size
+
+
+def test_loaded_allocator_reads_the_process_maps(tmp_path: Path) -> None:
+    maps = tmp_path / "maps"
+    assert loaded_allocator(maps) == "glibc"  # no maps file
+    maps.write_text("7f00-7f01 r-xp 0 08:01 1 /usr/lib/x86_64-linux-gnu/libc.so.6\n")
+    assert loaded_allocator(maps) == "glibc"
+    maps.write_text("7f02-7f03 r-xp 0 08:01 2 /usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4\n")
+    assert loaded_allocator(maps) == "tcmalloc" and TCMALLOC in maps.read_text()
