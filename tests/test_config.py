@@ -47,8 +47,9 @@ def another_value(default: object) -> tuple[str, object]:
         return str(not default).lower(), not default
     if isinstance(default, int):
         return str(default + 1), default + 1
-    if isinstance(default, float):
-        return str(round(default + 0.01, 4)), round(default + 0.01, 4)
+    if isinstance(default, float):  # half of it stays inside every float knob's range
+        other = default / 2 if default else 0.01
+        return str(other), other
     return str(default), default  # a string knob's choices are its own; its default is valid
 
 

@@ -1,5 +1,6 @@
 """The DAG: compiled YAML for a cluster, and the real run under ``kfp.local`` on local S3."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ from kfp import dsl
 from brainmri.demo_data import generate_demo_dataset
 from brainmri.registry import dataset_record_uri, production_record_uri
 from brainmri.storage import ObjectStore, S3Uri
-from components.config import TrainConfig, to_dict
+from components.config import DEMO_TRAINING, to_dict
 from pipelines.__main__ import DEFAULT_YAML, compile_pipeline, main, run_local
 from pipelines.cluster import ClusterOptions, apply_cluster_options
 from pipelines.pipeline import build_pipeline
@@ -250,7 +251,7 @@ def demo_source(s3_env: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def run(source: str, tmp_path: Path, epochs: int = 12, **params: object) -> None:
-    demo = TrainConfig(backbone="tiny_cnn", image_size=64, epochs=epochs, batch_size=16)
+    demo = replace(DEMO_TRAINING, epochs=epochs, batch_size=16)  # what `make run` trains
     arguments = {"source": source, "models_bucket": "e2e-models", "train": to_dict(demo)}
     run_local(arguments | params, tmp_path / "root")
 

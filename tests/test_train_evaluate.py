@@ -105,16 +105,16 @@ class Crash(RuntimeError):
 
 
 def crash_on_epoch(monkeypatch: pytest.MonkeyPatch, epoch: int) -> list[int]:
-    """Make validation fail in ``epoch`` (a killed pod); returns the epochs validated."""
-    real, seen = train_module.evaluate, []
+    """Make training fail in ``epoch`` (a killed pod); returns the epochs trained."""
+    real, seen = train_module.train_one_epoch, []
 
-    def validate(*args: object, **kwargs: object) -> tuple[float, float]:
+    def train(*args: object, **kwargs: object) -> object:
         seen.append(len(seen) + 1)
         if len(seen) == epoch:
             raise Crash(f"killed in epoch {epoch}")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(train_module, "evaluate", validate)
+    monkeypatch.setattr(train_module, "train_one_epoch", train)
     return seen
 
 
@@ -132,15 +132,15 @@ def test_a_retried_run_resumes_from_the_minio_checkpoint(
         fit(prepared, tmp_path / "m", config, checkpoint_uri=uri)
     assert store.exists(S3Uri.parse(uri).child("last.pt"))
 
-    validated = crash_on_epoch(monkeypatch, 99)
+    trained = crash_on_epoch(monkeypatch, 99)
     result = fit(prepared, tmp_path / "m", config, checkpoint_uri=uri)
-    assert result.resumed_from_epoch == 2 and validated == [1]  # only epoch 3 ran again
+    assert result.resumed_from_epoch == 2 and trained == [1]  # only epoch 3 ran again
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert ModelBundle.load(tmp_path / "m").metadata["resumed_from_epoch"] == 2
 
     # a finished checkpoint: the retry only rewrites the bundle
     again = fit(prepared, tmp_path / "m2", config, checkpoint_uri=uri)
-    assert again.resumed_from_epoch == 3 and validated == [1]
+    assert again.resumed_from_epoch == 3 and trained == [1]
     assert again.best_val_accuracy == result.best_val_accuracy
 
 
@@ -265,7 +265,7 @@ def test_the_moving_average_is_kept_when_it_scores_better_and_resumes(
 ) -> None:
     config = TrainConfig(epochs=3, ema_decay=0.5, **TINY)
     folder = str(tmp_path / "ckpt")
-    crash_on_epoch(monkeypatch, 5)  # validation runs twice an epoch: killed in epoch 3
+    crash_on_epoch(monkeypatch, 3)
     with pytest.raises(Crash):
         fit(prepared, tmp_path / "m", config, checkpoint_uri=folder)
     monkeypatch.undo()
@@ -285,7 +285,7 @@ def test_the_moving_average_is_kept_when_it_scores_better_and_resumes(
 
 
 def test_without_ema_the_raw_weights_are_kept(prepared: tuple[Path, Path], tmp_path: Path) -> None:
-    result = fit(prepared, tmp_path / "m", TrainConfig(epochs=1, **TINY))
+    result = fit(prepared, tmp_path / "m", TrainConfig(epochs=1, ema_decay=0.0, **TINY))
     assert result.selected_weights == "raw" and "ema_val_accuracy" not in result.history[0]
 
 
