@@ -484,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     server_args = server_flags(args)
     load_before = os.getloadavg()
-    images, source = load_images()
+    images, source = load_images(POOL_SIZE)
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         model_dir = (

@@ -91,7 +91,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("DATA") or None,
         help="a class-per-folder tree: local folder or s3://bucket/prefix, trained with the "
         f"pipeline's real-data recipe ({RECIPE.backbone}, {RECIPE.image_size} px, "
-        f"{RECIPE.epochs} epochs: ~15 min on 2 CPU cores) (default: the generated demo set, a "
+        f"{RECIPE.epochs} epochs: ~12 min on 2 CPU cores) (default: the generated demo set, a "
         "small CNN trained in seconds)",
     )
     parser.add_argument(

@@ -1,0 +1,24 @@
+"""``make bench-serve`` end to end, small: raw forward, the real server driven over v1 and v2,
+every figure and goal written (a stand-in model: a smoke run, not the served figure)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import bench_serve
+
+
+@pytest.mark.integration
+def test_bench_serve_smoke(tmp_path: Path) -> None:
+    assert bench_serve.main(["--model-dir", str(tmp_path / "none")]) == 2  # no trained model
+    out = tmp_path / "serve.json"
+    argv = ["--stand-in", "--image-size", "32", "--concurrency", "1", "2", "--batch-sizes", "1"]
+    argv += ["--images-per-setting", "16", "--max-seconds-per-setting", "5"]
+    assert bench_serve.main([*argv, "--output", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["model"]["source"].startswith("stand-in")
+    assert result["images"]["distinct"] == bench_serve.POOL_SIZE
+    assert [row["batch_size"] for row in result["raw_forward"]] == [1]
+    assert result["server"] and all(s["images_per_s"] > 0 for s in result["server"])
+    assert result["goals"]
