@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.common import RESULTS_DIR, write_json
+from benchmarks.common import RESULTS_DIR, rate_summary, write_json
 from brainmri import CLASS_NAMES
 from brainmri.cpu import cpu_budget, loaded_allocator
 from brainmri.model import build_model
@@ -191,20 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "baseline": BASELINE if BASELINE in rates else None,
         "levers": {
-            name: {
-                "images_per_s_median": statistics.median(values),
-                "images_per_s": [round(v, 2) for v in values],
-                "minor_faults_per_step_median": statistics.median(faults[name]),
-            }
-            | (
-                {
-                    "ratio_to_baseline_median": statistics.median(
-                        v / b for v, b in zip(values, rates[BASELINE], strict=True)
-                    )
-                }
-                if BASELINE in rates
-                else {}
-            )
+            name: rate_summary(values, rates.get(BASELINE), "ratio_to_baseline_median")
+            | {"minor_faults_per_step_median": statistics.median(faults[name])}
             for name, values in rates.items()
         },
         "augmentation": {

@@ -165,11 +165,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def rate_summary(values: list[float], reference: list[float], ratio_name: str) -> dict[str, Any]:
+def rate_summary(
+    values: list[float], reference: list[float] | None, ratio_name: str
+) -> dict[str, Any]:
     """Images/s measured once per round: the median, every round's figure, and the median of
-    the per-round ratios to ``reference`` (measured in the same rounds) under ``ratio_name``."""
-    return {
+    the per-round ratios to ``reference`` (measured in the same rounds) under ``ratio_name``
+    (left out when there is no reference)."""
+    summary: dict[str, Any] = {
         "images_per_s_median": statistics.median(values),
         "images_per_s": [round(v, 2) for v in values],
-        ratio_name: statistics.median(v / b for v, b in zip(values, reference, strict=True)),
     }
+    if reference is not None:
+        ratios = (v / b for v, b in zip(values, reference, strict=True))
+        summary[ratio_name] = statistics.median(ratios)
+    return summary
