@@ -23,7 +23,7 @@ TCMALLOC_LIB = $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.s
 ON_TCMALLOC = $(if $(TCMALLOC_LIB),LD_PRELOAD=$(TCMALLOC_LIB))
 
 .PHONY: help venv run test test-unit lint format compile manifests clean images cluster-yaml upload \
-	debian-packages bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator bench-train-speed bench-front credentials
+	debian-packages bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator bench-train-speed bench-trust bench-front credentials
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -92,7 +92,7 @@ credentials: $(STAMP) ## write manifests/base/credentials/*.env with random valu
 manifests: $(STAMP) ## render the kustomize overlays with the bundled kubectl (refuses missing, placeholder or shared credentials)
 	$(BIN)/python -m brainmri.manifests render manifests/overlays/*/
 
-bench: bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator bench-train-speed ## every benchmark (figures in benchmarks/results/*.json)
+bench: bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator bench-train-speed bench-trust ## every benchmark (figures in benchmarks/results/*.json)
 
 bench-ingest: $(STAMP) ## ingest the real data set (../shared/data/brain-mri/Training); target well under 1 min
 	$(BIN)/python -m benchmarks.bench_ingest
@@ -117,6 +117,9 @@ bench-train-speed: $(STAMP) debian-packages ## whole training epochs on real sli
 
 bench-accuracy: $(STAMP) debian-packages ## accuracy benchmark on ../shared/data/brain-mri/Training, ~40 min on 2 idle CPU cores (BENCH_ARGS="--smoke" for a quick check)
 	$(ON_TCMALLOC) $(BIN)/python -m benchmarks.bench_accuracy $(BENCH_ARGS)
+
+bench-trust: $(STAMP) ## calibration, prediction sets, flags, OOD detection and explain latency of the trained model on the held-out, shifted and non-MRI sets; pointing game on demo data (writes benchmarks/results/trust.json; needs bench-accuracy's model; BENCH_ARGS="--smoke" for a quick check)
+	$(BIN)/python -m benchmarks.bench_trust $(BENCH_ARGS)
 
 bench-front: $(STAMP) ## every measured recipe (benchmarks/results/recipes/*.json) against the default: table and time-accuracy front (levers.md, front.svg)
 	$(BIN)/python -m benchmarks.front

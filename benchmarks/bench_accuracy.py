@@ -141,6 +141,20 @@ def prepare(args: argparse.Namespace, work: Path) -> tuple[IngestReport, Path, p
     return report, work / "dataset", split
 
 
+def prepare_default_split(
+    data: Path, work: Path, limit_per_class: int = 0
+) -> tuple[IngestReport, Path, pd.DataFrame]:
+    """:func:`prepare` with the pipeline's split: its fractions, split seed 0."""
+    split_args = argparse.Namespace(
+        data=data,
+        limit_per_class=limit_per_class,
+        val_fraction=VAL_FRACTION,
+        test_fraction=TEST_FRACTION,
+        split_seed=0,
+    )
+    return prepare(split_args, work)
+
+
 def bare_loops(
     args: argparse.Namespace, dataset: Path, split: pd.DataFrame
 ) -> tuple[dict[str, Any], dict[str, Any]]:

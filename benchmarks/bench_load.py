@@ -99,12 +99,12 @@ def memory_limit_gb(container: dict[str, Any]) -> float:
     return float(text) / 1e9
 
 
-def v1_request(port: int, image: bytes) -> tuple[int, float]:
+def v1_request(port: int, image: bytes, verb: str = "predict") -> tuple[int, float]:
     body = json.dumps({"instances": [{"image_bytes": {"b64": base64.b64encode(image).decode()}}]})
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     started = time.perf_counter()
     connection.request(
-        "POST", f"/v1/models/{MODEL_NAME}:predict", body, {"content-type": "application/json"}
+        "POST", f"/v1/models/{MODEL_NAME}:{verb}", body, {"content-type": "application/json"}
     )
     response = connection.getresponse()
     response.read()
@@ -112,13 +112,16 @@ def v1_request(port: int, image: bytes) -> tuple[int, float]:
     return response.status, (time.perf_counter() - started) * 1000
 
 
-def unloaded_latency(port: int, images: list[bytes], count: int) -> dict[str, float]:
-    """p50/p99 of valid single-image requests sent one at a time (after a short warm-up)."""
+def unloaded_latency(
+    port: int, images: list[bytes], count: int, verb: str = "predict"
+) -> dict[str, float]:
+    """p50/p99 of valid single-image v1 ``verb`` requests sent one at a time (after a short
+    warm-up)."""
     for image in images[:5]:
-        v1_request(port, image)
+        v1_request(port, image, verb)
     times = []
     for i in range(count):
-        status, elapsed = v1_request(port, images[i % len(images)])
+        status, elapsed = v1_request(port, images[i % len(images)], verb)
         if status != 200:
             raise RuntimeError(f"unloaded request answered {status}")
         times.append(elapsed)

@@ -249,9 +249,9 @@ FAULTS = [
     ),
     Fault(
         "serving",
-        "model_version query; :explain",
-        "routed (404 naming the served version); 404",
-        "tests/test_serving_abuse.py::test_versions_are_routed_and_explain_is_a_404",
+        "model_version query; malformed :explain",
+        "routed (404 naming the served version); 400 naming the problem",
+        "tests/test_serving_abuse.py::test_versions_are_routed_and_bad_explain_input_is_a_400",
     ),
     Fault(
         "serving",

@@ -27,10 +27,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchmarks.bench_accuracy import prepare
+from benchmarks.bench_accuracy import prepare_default_split
 from benchmarks.bench_allocator import child_environment, refuse_unloaded
 from benchmarks.common import RESULTS_DIR, SHARED_TRAINING, rate_summary, write_json
-from components.config import TEST_FRACTION, VAL_FRACTION, AugmentConfig, TrainConfig
+from components.config import AugmentConfig, TrainConfig
 from components.train import TrainRun
 
 
@@ -102,14 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     rates: dict[str, list[float]] = {name: [] for name in args.variants}
     with tempfile.TemporaryDirectory(prefix="bench-train-speed-") as scratch:
         work = Path(scratch)
-        split_args = argparse.Namespace(
-            data=args.data,
-            limit_per_class=args.limit_per_class,
-            val_fraction=VAL_FRACTION,
-            test_fraction=TEST_FRACTION,
-            split_seed=0,
-        )
-        _, dataset, split = prepare(split_args, work)
+        _, dataset, split = prepare_default_split(args.data, work, args.limit_per_class)
         config = TrainConfig(
             backbone=args.backbone, image_size=args.image_size, epochs=args.epochs, patience=0
         )

@@ -51,6 +51,10 @@ class Backbone:
     name: str
     build: Callable[[int], nn.Module]  # num_classes -> freshly initialised network
     head: str  # module path of the final classifier layer (replaced for our classes)
+    # (network, input) -> the last feature map, whose spatial mean the head is a linear layer
+    # over (what class-activation maps and the out-of-distribution detector read): a plain call,
+    # no hooks, so concurrent forward passes of one network never see each other's maps
+    feature_map: Callable[[nn.Module, Any], Any]
     mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     imagenet_weights: Callable[[], tuple[StateDict, str]] | None = None  # -> (state, source)
@@ -71,24 +75,30 @@ def tiny_cnn(num_classes: int) -> nn.Module:
     """A small CNN that learns the demo set in seconds on a CPU."""
     from torch import nn
 
-    def block(cin: int, cout: int) -> nn.Sequential:
+    def block(cin: int, cout: int, pool: bool = True) -> nn.Sequential:
         return nn.Sequential(
             nn.Conv2d(cin, cout, 3, padding=1, bias=False),
             nn.BatchNorm2d(cout),
             nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
+            nn.MaxPool2d(2) if pool else nn.Identity(),
         )
 
     return nn.Sequential(
         block(3, 16),
         block(16, 32),
         block(32, 64),
-        block(64, 96),
+        block(64, 96, pool=False),  # a last map of 1/8 the input: activation maps fine enough
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
         nn.Dropout(0.2),
         nn.Linear(96, num_classes),
     )
+
+
+def _resnet_feature_map(net: nn.Module, x: Any) -> Any:
+    """A torchvision ResNet's forward up to its global pool."""
+    x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+    return net.layer4(net.layer3(net.layer2(net.layer1(x))))
 
 
 def _resnet(depth: int) -> Callable[[int], nn.Module]:
@@ -196,11 +206,12 @@ def _efficientnet_lite0_imagenet_weights() -> tuple[StateDict, str]:
 BACKBONES: dict[str, Backbone] = {
     b.name: b
     for b in (
-        Backbone("tiny_cnn", tiny_cnn, head="7", learning_rate=0.01),
+        Backbone("tiny_cnn", tiny_cnn, "7", lambda net, x: net[:4](x), learning_rate=0.01),
         Backbone(
             "efficientnet_lite0",
             _efficientnet_lite0,
             head="_fc",
+            feature_map=lambda net, x: net.extract_features(x),
             mean=LITE_MEAN,
             std=LITE_STD,
             imagenet_weights=_efficientnet_lite0_imagenet_weights,
@@ -210,6 +221,7 @@ BACKBONES: dict[str, Backbone] = {
                 f"resnet{depth}",
                 _resnet(depth),
                 head="fc",
+                feature_map=_resnet_feature_map,
                 mean=IMAGENET_MEAN,
                 std=IMAGENET_STD,
                 imagenet_weights=_torchvision_imagenet_weights(depth),

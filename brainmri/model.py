@@ -1,7 +1,9 @@
 """The classifier: networks built by backbone name, and the saved model bundle format.
 
 A bundle directory holds ``model.pt`` (state dict), ``model.json`` (backbone, class names,
-preprocessing, metadata) and ``checksums.json`` (the sha256 of the other two), so serving
+preprocessing, metadata, the fitted :class:`~brainmri.trust.Trust`), ``trust.pt`` when its
+out-of-distribution detector has tensors, and ``checksums.json`` (the sha256 of the others), so
+serving
 rebuilds exactly what training produced, and a bundle whose files do not match their checksums,
 or that has none (an upload that never finished: ``checksums.json`` is written last), is refused.
 ``model.json`` is read and written only here (:meth:`ModelBundle.read_metadata`,
@@ -25,6 +27,7 @@ from brainmri.backbones import PretrainedWeightsUnavailable, get_backbone
 from brainmri.cpu import cpu_budget
 from brainmri.images import PreprocessConfig
 from brainmri.storage import ObjectStore, local_copy
+from brainmri.trust import TRUST_FILE, Assessment, Outputs, Trust
 
 WEIGHTS_FILE = "model.pt"
 METADATA_FILE = "model.json"
@@ -99,6 +102,9 @@ class ModelBundle:
     # average each image's probabilities with its mirror image's (test-time augmentation); the
     # one place it happens, so evaluate and the server answer alike
     test_time_flip: bool = False
+    # calibration, prediction sets, uncertainty and OOD detection fitted after training (the
+    # default fits nothing: a bundle saved before they existed loads and answers as it did)
+    trust: Trust = field(default_factory=Trust)
 
     def save(self, directory: Path) -> Path:
         directory = Path(directory)
@@ -110,8 +116,11 @@ class ModelBundle:
             "class_names": self.class_names,
             "preprocess": self.preprocess.to_dict(),
             "test_time_flip": self.test_time_flip,
+            "trust": self.trust.to_dict(),
             "metadata": self.metadata,
         }
+        (directory / TRUST_FILE).unlink(missing_ok=True)
+        self.trust.save_tensors(directory)
         _write_description(directory, description)
         return directory
 
@@ -146,6 +155,7 @@ class ModelBundle:
             PreprocessConfig.from_dict(description["preprocess"]),
             description.get("metadata", {}),
             bool(description.get("test_time_flip", False)),
+            Trust.from_saved(description.get("trust", {}), directory),
         )
 
     @staticmethod
@@ -166,14 +176,58 @@ class ModelBundle:
         return next(self.model.parameters()).device
 
     @torch.inference_mode()
-    def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
-        """Class probabilities for a preprocessed float batch (N, 3, H, W); with
-        ``test_time_flip``, the mean of the image's and its mirror image's."""
+    def forward(self, batch: torch.Tensor, maps: bool = False) -> Outputs:
+        """One forward pass over a preprocessed float batch (N, 3, H, W), and its mirror image
+        with ``test_time_flip`` (both in one pass): the logits of each view, the penultimate
+        features and, with ``maps``, the last feature maps (the mirrored view's flipped back)."""
         batch = batch.to(self.device, non_blocking=True)
-        if self.test_time_flip:  # one forward pass over both: the mean of their probabilities
-            proba = torch.softmax(self.model(torch.cat([batch, batch.flip(-1)])).float(), dim=1)
-            return proba.view(2, len(batch), -1).mean(dim=0).cpu()
-        return torch.softmax(self.model(batch).float(), dim=1).cpu()
+        views = 2 if self.test_time_flip else 1
+        inputs = torch.cat([batch, batch.flip(-1)]) if self.test_time_flip else batch
+        spec = get_backbone(self.backbone)
+        feature_maps = spec.feature_map(self.model, inputs)
+        pooled = feature_maps.float().mean(dim=(2, 3))
+        logits = self.model.get_submodule(spec.head)(pooled.to(feature_maps.dtype)).float()
+        per_view = feature_maps.float().view(views, len(batch), *feature_maps.shape[1:])
+        if maps and self.test_time_flip:
+            per_view = torch.stack([per_view[0], per_view[1].flip(-1)])
+        return Outputs(
+            logits.view(views, len(batch), -1).cpu(),
+            pooled.view(views, len(batch), -1).mean(dim=0).cpu(),
+            per_view.mean(dim=0).cpu() if maps else None,
+        )
+
+    def forward_images(
+        self, images: torch.Tensor, batch_size: int = 64, maps: bool = False, desc: str = ""
+    ) -> Outputs:
+        """:meth:`forward` over cached uint8 images (N, 3, S, S), in batches (a progress bar
+        when ``desc`` names them)."""
+        from tqdm import tqdm
+
+        normalize = self.preprocess.normalize()
+        starts = range(0, len(images), batch_size)
+        parts = [
+            self.forward(normalize(images[i : i + batch_size]), maps)
+            for i in tqdm(starts, desc=desc, unit="batch", disable=not desc, leave=False)
+        ]
+        if parts:
+            return Outputs.concat(parts)
+        empty = torch.empty(0, len(self.class_names))
+        return Outputs(empty.unsqueeze(0), torch.empty(0, 0))
+
+    def assess(self, batch: torch.Tensor) -> Assessment:
+        """Calibrated probabilities, prediction sets, flags and OOD scores of a batch."""
+        return self.trust.assess(self.forward(batch))
+
+    def predict_proba(self, batch: torch.Tensor) -> torch.Tensor:
+        """Calibrated class probabilities for a preprocessed float batch (N, 3, H, W); with
+        ``test_time_flip``, the mean of the image's and its mirror image's."""
+        return self.forward(batch).probabilities(self.trust.temperature)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """[C, D]: the linear head's weights over the pooled features (for activation maps)."""
+        head = self.model.get_submodule(get_backbone(self.backbone).head)
+        return head.weight.detach().float().cpu()
 
 
 def _read_description(directory: Path) -> dict[str, Any]:
@@ -186,7 +240,8 @@ def _read_description(directory: Path) -> dict[str, Any]:
 def _write_description(directory: Path, description: dict[str, Any]) -> None:
     """Write ``model.json``, then the checksums of the bundle (last: they complete it)."""
     (directory / METADATA_FILE).write_text(json.dumps(description, indent=2))
-    checksums = {name: _sha256(directory / name) for name in (WEIGHTS_FILE, METADATA_FILE)}
+    names = [WEIGHTS_FILE, METADATA_FILE] + [TRUST_FILE] * (directory / TRUST_FILE).is_file()
+    checksums = {name: _sha256(directory / name) for name in names}
     (directory / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=2))
 
 

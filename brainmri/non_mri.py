@@ -20,7 +20,7 @@ machine and nothing is downloaded. The kinds:
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -126,20 +126,26 @@ KINDS: dict[str, Maker] = {
 }
 
 
+def non_mri_images(
+    per_kind: int = 8, size: int = 256, seed: int = 0
+) -> Iterator[tuple[str, int, Image.Image]]:
+    """``(kind, index, image)`` for ``per_kind`` images of every kind, made from ``seed``."""
+    for offset, (kind, make) in enumerate(KINDS.items()):
+        rng = np.random.default_rng([seed, offset])
+        for index in range(per_kind):
+            yield kind, index, make(rng, size, index)
+
+
 def generate_non_mri_set(
     out_dir: Path, per_kind: int = 8, size: int = 256, seed: int = 0
 ) -> dict[str, list[Path]]:
     """Write ``per_kind`` PNG images of every kind into ``out_dir/<kind>/``: their paths."""
     written: dict[str, list[Path]] = {}
-    for offset, (kind, make) in enumerate(KINDS.items()):
-        rng = np.random.default_rng([seed, offset])
-        folder = Path(out_dir) / kind
-        folder.mkdir(parents=True, exist_ok=True)
-        written[kind] = []
-        for index in range(per_kind):
-            path = folder / f"{kind}_{index:03d}.png"
-            make(rng, size, index).save(path)
-            written[kind].append(path)
+    for kind, index, image in non_mri_images(per_kind, size, seed):
+        path = Path(out_dir) / kind / f"{kind}_{index:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        image.save(path)
+        written.setdefault(kind, []).append(path)
     return written
 
 

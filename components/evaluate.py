@@ -43,6 +43,7 @@ from brainmri.storage import StorageError
 from components.report import render_report
 from components.split import NOVEL, load_split
 from components.statistics import balanced_accuracy_interval, wilson_interval
+from components.trust_scores import ExplainedImage, TrustScores, explained_images, trust_scores
 
 WORST_SHOWN = 8  # misclassified images shown in the report
 THUMBNAIL_PX = 96
@@ -97,6 +98,8 @@ class Evaluation:
     model: dict[str, Any] = field(default_factory=dict)  # backbone, preprocess, metadata
     data: str = ""  # what was evaluated: "<split csv> [test]" or a folder
     predictions: pd.DataFrame | None = field(default=None, repr=False)  # one row per image
+    trust: TrustScores | None = None  # calibration, sets and flags (from a bundle's answers)
+    explained: list[ExplainedImage] = field(default_factory=list)  # with their heatmaps
 
     def metrics(self) -> dict[str, Any]:
         """The scores as plain JSON-able data (no curves, no images)."""
@@ -114,6 +117,7 @@ class Evaluation:
             "worst_misclassified": [
                 {k: v for k, v in asdict(m).items() if k != "thumbnail_png"} for m in self.worst
             ],
+            "trust": self.trust.to_dict() if self.trust else None,
         }
 
     def scalar_metrics(self) -> dict[str, float]:
@@ -128,6 +132,8 @@ class Evaluation:
         }
         if self.macro_auc is not None:
             scalars["macro_auc"] = self.macro_auc
+        if self.trust is not None:
+            scalars.update(self.trust.scalar_metrics())
         for name, s in self.per_class.items():
             scalars.update(
                 {f"{name}_precision": s.precision, f"{name}_recall": s.recall, f"{name}_f1": s.f1}
@@ -158,16 +164,9 @@ def _interval(name: str, interval: tuple[float, float] | None) -> dict[str, floa
 
 
 def predict_proba(bundle: ModelBundle, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
-    """Class probabilities (N, C) for cached uint8 images, in batches."""
-    normalize = bundle.preprocess.normalize()
-    if len(images) == 0:
-        return torch.empty(0, len(bundle.class_names))
-    return torch.cat(
-        [
-            bundle.predict_proba(normalize(images[i : i + batch_size]))
-            for i in range(0, len(images), batch_size)
-        ]
-    )
+    """Calibrated class probabilities (N, C) for cached uint8 images, in batches."""
+    outputs = bundle.forward_images(images, batch_size)
+    return outputs.probabilities(bundle.trust.temperature)
 
 
 def _thin(curve: RocCurve, limit: int = MAX_ROC_POINTS) -> RocCurve:
@@ -280,10 +279,38 @@ def _model_info(bundle: ModelBundle) -> dict[str, Any]:
 def evaluate_bundle(
     bundle: ModelBundle, images: torch.Tensor, labels: torch.Tensor, paths: Sequence[str]
 ) -> Evaluation:
-    """Score ``bundle`` on cached uint8 images (resized with its own preprocessing)."""
-    proba = predict_proba(bundle, images).numpy()
-    evaluation = score_predictions(labels.numpy(), proba, bundle.class_names, paths, images)
+    """Score ``bundle`` on cached uint8 images (resized with its own preprocessing): every score
+    of its calibrated probabilities, its trust figures, and its heatmaps over the worst mistakes
+    and a few right answers per class."""
+    outputs = bundle.forward_images(images, desc="evaluate")
+    assessment = bundle.trust.assess(outputs)
+    proba, truth = assessment.probabilities.numpy(), labels.numpy()
+    evaluation = score_predictions(truth, proba, bundle.class_names, paths, images)
     evaluation.model = _model_info(bundle)
+    if not len(truth):
+        return evaluation
+    trust = bundle.trust
+    evaluation.trust = trust_scores(
+        truth,
+        outputs.probabilities().numpy(),
+        assessment,
+        bundle.class_names,
+        trust.temperature,
+        trust.coverage if trust.set_quantile is not None else None,  # None: no sets fitted
+    )
+    sets = assessment.prediction_sets.numpy()
+    evaluation.predictions = evaluation.predictions.assign(
+        prediction_set=[
+            ",".join(c for c, m in zip(bundle.class_names, row, strict=True) if m) for row in sets
+        ],
+        uncertain=assessment.uncertain.numpy(),
+        ood_score=assessment.ood_scores.numpy(),
+        not_brain_mri=assessment.not_brain_mri.numpy(),
+    )
+    row_of = {path: i for i, path in enumerate(evaluation.predictions["path"])}
+    worst = [row_of[m.path] for m in evaluation.worst]
+    shown_paths = list(evaluation.predictions["path"])
+    evaluation.explained = explained_images(bundle, images, truth, proba, shown_paths, worst)
     return evaluation
 
 

@@ -195,12 +195,16 @@ def evaluate(
     roc_pituitary: Output[ClassificationMetrics],
     report: Output[Markdown],
     predictions: Output[Dataset],
+    reliability_diagram: Output[Artifact],
 ) -> NamedTuple("EvaluateOutputs", [("accuracy", float)]):
     """Score the model on the test split: KFP metrics with 95 % intervals and error counts,
     confusion matrix, ROC curves (micro average with the confusion matrix, one-vs-rest per class
     in roc_<class>), the per-image predictions (for the gate), and a Markdown report with the
-    worst mistakes and the model card; an external test set is scored whole, on its novel
-    images and on those with a near-copy in training. Returns the accuracy."""
+    worst mistakes, calibration and uncertainty (with the reliability diagram, also a PNG
+    artifact), heatmaps of where the evidence is, and the model card; an external test set is
+    scored whole, on its novel images and on those with a near-copy in training. Returns the
+    accuracy."""
+    import base64
     from pathlib import Path
     from typing import NamedTuple
 
@@ -215,6 +219,9 @@ def evaluate(
     for name, value in result.scalar_metrics().items():
         metrics.log_metric(name, value)
     result.predictions.to_csv(predictions.path, index=False)
+    if result.trust is not None and result.trust.reliability_png:
+        Path(reliability_diagram.path).write_bytes(base64.b64decode(result.trust.reliability_png))
+        reliability_diagram.metadata["mime_type"] = "image/png"
     classification_metrics.log_confusion_matrix(result.class_names, result.confusion)
     if "micro" in result.roc:
         curve = result.roc["micro"]

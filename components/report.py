@@ -121,6 +121,7 @@ def render_report(evaluation: Evaluation, title: str = "Brain-MRI classifier eva
         [(names[i], *row) for i, row in enumerate(evaluation.confusion)],
     )
     card = ["", *_model_card(evaluation)]
+    lines += _trust_section(evaluation)
     lines += ["", "## Most confident mistakes", ""]
     if not evaluation.worst:
         lines.append("None: every image was classified correctly.")
@@ -134,4 +135,84 @@ def render_report(evaluation: Evaluation, title: str = "Brain-MRI classifier eva
             budget -= len(image)
             rows.append((image, f"`{m.path}`", m.true_label, m.predicted_label, _pct(m.confidence)))
         lines += markdown_table(("image", "file", "true", "predicted", "confidence"), rows)
+    lines += _evidence_section(evaluation, MAX_REPORT_CHARS - len("\n".join(lines + card)) - 1_000)
     return "\n".join(lines + card) + "\n"
+
+
+def _trust_section(evaluation: Evaluation) -> list[str]:
+    """Calibration before and after the temperature, the sets' coverage and the flags."""
+    trust = evaluation.trust
+    if trust is None:
+        return []
+    o = trust.overall
+    target = _pct(trust.coverage_target) if trust.coverage_target else "none fitted"
+    lines = ["", "## Calibration and uncertainty", ""]
+    lines += markdown_table(
+        ("figure", "value"),
+        [
+            ("temperature (fitted on validation)", f"{trust.temperature:.3f}"),
+            ("ECE, 15 bins: before / after", f"{_pct(trust.before.ece)} / {_pct(trust.after.ece)}"),
+            ("NLL: before / after", f"{trust.before.nll:.4f} / {trust.after.nll:.4f}"),
+            ("Brier: before / after", f"{trust.before.brier:.4f} / {trust.after.brier:.4f}"),
+            (
+                "prediction-set coverage (target)",
+                f"{_pct(o.coverage)} ({target})",
+            ),
+            ("mean set size; empty sets", f"{o.mean_set_size:.3f}; {_pct(o.empty_sets)}"),
+            ("right answers flagged uncertain", f"{_pct(o.right_flagged)} of {o.right}"),
+            ("wrong answers flagged uncertain", f"{_pct(o.wrong_flagged)} of {o.wrong}"),
+            ("rejected as not a brain MRI", _pct(o.rejected)),
+        ],
+    )
+    lines += ["", "Per class:", ""]
+    lines += markdown_table(
+        ("class", "coverage", "mean set size", "right flagged", "wrong flagged", "images"),
+        [
+            (
+                n,
+                _pct(r.coverage),
+                f"{r.mean_set_size:.2f}",
+                _pct(r.right_flagged),
+                f"{_pct(r.wrong_flagged)} of {r.wrong}",
+                r.images,
+            )
+            for n, r in trust.per_class.items()
+        ],
+    )
+    if trust.reliability_png:
+        lines += ["", f"![reliability diagram](data:image/png;base64,{trust.reliability_png})"]
+    return lines
+
+
+def _evidence_section(evaluation: Evaluation, budget: int) -> list[str]:
+    """The worst mistakes and a few right answers with the heatmap of their predicted class."""
+    if not evaluation.explained:
+        return []
+    lines = [
+        "",
+        "## Where the evidence is",
+        "",
+        "Class-activation heatmap of the predicted class (red: strongest evidence), its hottest "
+        "region boxed in yellow.",
+        "",
+    ]
+    rows = []
+    for shown in evaluation.explained:
+        image = f"![{shown.predicted_label}](data:image/png;base64,{shown.overlay_png})"
+        if len(image) > budget:
+            image = "(not shown)"
+        budget -= len(image)
+        verdict = "right" if shown.correct else "wrong"
+        rows.append(
+            (
+                image,
+                f"`{shown.path}`",
+                shown.true_label,
+                shown.predicted_label,
+                _pct(shown.confidence),
+                verdict,
+            )
+        )
+    return lines + markdown_table(
+        ("heatmap", "file", "true", "predicted", "confidence", "answer"), rows
+    )

@@ -51,7 +51,9 @@ from brainmri.model import (
     load_pretrained_weights,
     pick_device,
 )
+from brainmri.non_mri import non_mri_images
 from brainmri.storage import ObjectStore
+from brainmri.trust import Trust, fit_trust
 from components.augment import BatchAugment, build_transform
 from components.checkpoint import Checkpoints, TrainState
 from components.config import AugmentConfig, TrainConfig, from_dict, to_dict
@@ -60,7 +62,11 @@ from components.ingest import recorded_fingerprint
 from components.split import load_split, trained_on
 
 # knobs that may differ between a run and its retry without invalidating the checkpoint
-_RUNTIME_FIELDS = ("device", "num_workers", "cpu_threads")
+# knobs that change nothing of the weights: what is fitted after training on val
+_TRUST_FIELDS = ("coverage", "false_flag_rate", "false_rejection_rate")
+_RUNTIME_FIELDS = ("device", "num_workers", "cpu_threads", *_TRUST_FIELDS)
+# the non-MRI images the OOD detectors are compared on (the benchmark's set uses seed 0)
+PROBE_SEED, PROBE_PER_KIND = 1, 4
 WARMUP_SHARE = 0.05  # warmup_cosine: the whole-network phase's linear warm-up, share of its steps
 
 
@@ -559,6 +565,31 @@ def train_model(
     return _finish(run, s, state, resumed_from)
 
 
+def fit_bundle_trust(
+    bundle: ModelBundle, train: ImageSet, val: ImageSet, config: TrainConfig
+) -> Trust:
+    """Calibration, prediction sets and the uncertainty threshold fitted on ``val``; the OOD
+    detectors on ``train``'s features, the one kept that better tells ``val`` from a generated
+    non-MRI probe set."""
+    resize = bundle.preprocess.resize()
+    probe = torch.stack(
+        [
+            resize(image.convert("RGB"))
+            for _, _, image in non_mri_images(PROBE_PER_KIND, seed=PROBE_SEED)
+        ]
+    )
+    return fit_trust(
+        bundle.forward_images(train.images, desc="features of train"),
+        train.labels,
+        bundle.forward_images(val.images, desc="outputs of val"),
+        val.labels,
+        bundle.forward_images(probe),
+        config.coverage,
+        config.false_flag_rate,
+        config.false_rejection_rate,
+    )
+
+
 def _finish(run: TrainRun, s: _Setup, state: TrainState, resumed_from: int | None) -> TrainResult:
     """Load the best weights, build the :class:`TrainResult` and save the bundle (rank 0)."""
     s.model.load_state_dict(state.best_weights)
@@ -603,6 +634,10 @@ def _finish(run: TrainRun, s: _Setup, state: TrainState, resumed_from: int | Non
         test_time_flip=config.test_time_flip,
     )
     if s.ctx.is_main:
+        bundle.trust = fit_bundle_trust(
+            bundle, s.train_loader.dataset.data, s.val_loader.dataset.data, config
+        )
+        print(f"trust fitted on val: {json.dumps(bundle.trust.to_dict())}", flush=True)
         bundle.save(Path(run.output))
     s.ctx.barrier()
     s.ctx.stop()

@@ -26,6 +26,7 @@ from brainmri.storage import ObjectStore, S3Uri
 from components.config import (
     DEMO_THRESHOLD,
     DEMO_TRAINING,
+    DEMO_VAL_FRACTION,
     PROMOTION_THRESHOLD,
     TrainConfig,
     add_flags,
@@ -142,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
                 "model_name": args.model_name,
                 "models_bucket": args.models_bucket,
                 "train": to_dict(training_config(args)),
+                **({} if args.data else {"val_fraction": DEMO_VAL_FRACTION}),
             },
             RUN_DIR / "pipeline-root",
         )

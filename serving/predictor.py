@@ -4,7 +4,10 @@
 ``preprocess`` turns a request into one preprocessed batch (decoding on a thread pool, the
 protocols' reading and refusals in :mod:`serving.protocol`), ``predict`` runs one forward pass
 for all of it on a small pool of its own (so the event loop stays free for health probes), and
-``postprocess`` writes the protocol's answer.
+``postprocess`` writes the protocol's answer. ``explain`` (KServe's ``:explain`` verb) adds a
+class-activation heatmap and its hottest box to each answer. Every answer is calibrated and
+carries its prediction set, ``uncertain`` flag and out-of-distribution score
+(:mod:`brainmri.trust`, fitted in training); a rejected image is answered ``not_brain_mri``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -25,6 +28,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from brainmri.cpu import cpu_budget
 from brainmri.model import ModelBundle, load_bundle
+from brainmri.trust import Assessment, heatmaps
 from serving import protocol
 from serving.protocol import IMAGE_KEY, LABEL_OUTPUT, PIXELS_INPUT, PROBABILITIES_OUTPUT, Limits
 
@@ -45,6 +49,12 @@ REJECTED_REQUESTS = Counter(
     "Inference requests refused with a 4xx, by reason.",
     ["model_name", "reason"],
 )
+ANSWERS = Counter(
+    "brainmri_answers",
+    "Images answered, by kind: confident, uncertain, or not_brain_mri (rejected as not a brain "
+    "MRI slice; also counted as uncertain).",
+    ["model_name", "kind"],
+)
 MODEL_INFO = Gauge(
     "brainmri_model_info",
     "The served model bundle (value 1): version, backbone and input size as labels.",
@@ -54,10 +64,12 @@ MODEL_INFO = Gauge(
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated request: the preprocessed batch, and the v2 request it came from (or None)."""
+    """A validated request: the preprocessed batch, the v2 request it came from (or None), and
+    the size of each image as sent (None for preprocessed pixels)."""
 
     pixels: torch.Tensor  # float32 [N, 3, S, S], normalised as in training
     v2_request: InferRequest | None = None
+    sizes: list[tuple[int, int]] | None = None  # (height, width) of each image as sent
 
     def __len__(self) -> int:
         return int(self.pixels.shape[0])
@@ -65,10 +77,19 @@ class Batch:
 
 @dataclass(frozen=True)
 class Prediction:
-    """The forward pass's class probabilities for a :class:`Batch`."""
+    """What the forward pass says of a :class:`Batch` (:class:`~brainmri.trust.Assessment`)."""
 
     batch: Batch
-    probabilities: torch.Tensor  # float32 [N, C]
+    assessment: Assessment
+
+
+@dataclass(frozen=True)
+class Explanation(Prediction):
+    """A :class:`Prediction` with each image's heatmap (at the size it was sent) for the
+    ``explained`` class (its top tumour class)."""
+
+    heatmaps: list[torch.Tensor] = field(default_factory=list)
+    explained: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
 
 class BrainMRIModel(Model):
@@ -211,14 +232,17 @@ class BrainMRIModel(Model):
             if isinstance(payload, InferRequest):
                 tensor = protocol.v2_input(payload, self.image_size)
                 if tensor.datatype == "FP32":
-                    batch = Batch(protocol.v2_pixels(tensor, self.image_size, self.limits), payload)
+                    pixels = protocol.v2_pixels(tensor, self.image_size, self.limits)
+                    batch = Batch(pixels, v2_request=payload)
                 else:
                     encoded = protocol.v2_encoded_images(tensor, self.limits)
                     where = protocol.v2_location(tensor.name)
-                    batch = Batch(await self._pixels_of(encoded, where), payload)
+                    pixels, sizes = await self._pixels_of(encoded, where)
+                    batch = Batch(pixels, v2_request=payload, sizes=sizes)
             else:
                 encoded = protocol.v1_encoded_images(payload, self.limits)
-                batch = Batch(await self._pixels_of(encoded, protocol.v1_location))
+                pixels, sizes = await self._pixels_of(encoded, protocol.v1_location)
+                batch = Batch(pixels, sizes=sizes)
         except InvalidInput:
             REJECTED_REQUESTS.labels(self.name, "invalid_input").inc()
             raise
@@ -235,11 +259,29 @@ class BrainMRIModel(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> Prediction:
-        """One batched forward pass for all instances."""
+        """One batched forward pass for all instances, assessed (calibrated, sets, flags)."""
         _, forward_pool = self._pools()
         loop = asyncio.get_running_loop()
-        probs = await loop.run_in_executor(forward_pool, self.bundle.predict_proba, payload.pixels)
-        return Prediction(payload, probs)
+        assessment = await loop.run_in_executor(forward_pool, self.bundle.assess, payload.pixels)
+        return Prediction(payload, assessment)
+
+    async def explain(self, payload: Batch, headers: dict[str, str] | None = None) -> Explanation:
+        """The prediction plus, for each image, where the evidence for its top class is."""
+        _, forward_pool = self._pools()
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(forward_pool, self._explain, payload)
+
+    def _explain(self, payload: Batch) -> Explanation:
+        outputs = self.bundle.forward(payload.pixels, maps=True)
+        assessment = self.bundle.trust.assess(outputs)
+        explained = assessment.predicted
+        size = self.image_size
+        sizes = payload.sizes or [(size, size)] * len(payload)
+        maps = [
+            heatmaps(outputs.maps[i : i + 1], self.bundle.head_weight, explained[i : i + 1], hw)[0]
+            for i, hw in enumerate(sizes)
+        ]
+        return Explanation(payload, assessment, maps, explained)
 
     async def postprocess(
         self,
@@ -247,37 +289,55 @@ class BrainMRIModel(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict | InferResponse:
-        """The answer in the protocol of the request."""
-        classes, request = self.bundle.class_names, result.batch.v2_request
-        if request is not None:
-            return protocol.v2_response(
-                request, result.probabilities, classes, self.name, self.model_version
+        """The answer in the protocol of the request (counted by kind)."""
+        classes, request, assessment = (
+            self.bundle.class_names,
+            result.batch.v2_request,
+            result.assessment,
+        )
+        rejected = int(assessment.not_brain_mri.sum())
+        uncertain = int(assessment.uncertain.sum()) - rejected
+        for kind, count in (
+            ("not_brain_mri", rejected),
+            ("uncertain", uncertain),
+            ("confident", len(result.batch) - rejected - uncertain),
+        ):
+            if count:
+                ANSWERS.labels(self.name, kind).inc(count)
+        if isinstance(result, Explanation):
+            return protocol.explain_response(
+                assessment, classes, self.model_version, result.heatmaps, result.explained
             )
-        return protocol.v1_response(result.probabilities, classes, self.model_version)
+        if request is not None:
+            return protocol.v2_response(request, assessment, classes, self.name, self.model_version)
+        return protocol.v1_response(assessment, classes, self.model_version)
 
     async def _pixels_of(
         self, encoded: Sequence[protocol.Encoded], where: Callable[[int], str]
-    ) -> torch.Tensor:
-        """Decode and preprocess every image in parallel; InvalidInput lists each one that fails,
-        by position."""
+    ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
+        """Decode and preprocess every image in parallel (with each one's size as sent);
+        InvalidInput lists each one that fails, by position."""
         decode_pool, _ = self._pools()
         loop = asyncio.get_running_loop()
         outcomes = await asyncio.gather(
             *(loop.run_in_executor(decode_pool, self._prepare_one, item) for item in encoded),
             return_exceptions=True,
         )
-        tensors, errors = [], []
+        tensors, sizes, errors = [], [], []
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, ValueError):
                 errors.append(f"{where(index)}: {outcome}")
             elif isinstance(outcome, BaseException):
                 raise outcome
             else:
-                tensors.append(outcome)
+                tensors.append(outcome[0])
+                sizes.append(outcome[1])
         if errors:
             raise protocol.BadRequest(protocol.summarise(errors))
-        return torch.stack(tensors)
+        return torch.stack(tensors), sizes
 
-    def _prepare_one(self, item: protocol.Encoded) -> torch.Tensor:
-        """One encoded image -> the network's input, exactly as in training (ValueError if bad)."""
-        return self.bundle.preprocess(protocol.decode_encoded(item, self.limits.max_image_pixels))
+    def _prepare_one(self, item: protocol.Encoded) -> tuple[torch.Tensor, tuple[int, int]]:
+        """One encoded image -> the network's input, exactly as in training (ValueError if
+        bad), and the image's (height, width)."""
+        image = protocol.decode_encoded(item, self.limits.max_image_pixels)
+        return self.bundle.preprocess(image), (image.height, image.width)

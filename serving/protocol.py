@@ -5,8 +5,26 @@ v1 (``POST /v1/models/<name>:predict``)::
 
     request:  {"instances": [{"image_bytes": {"b64": "<base64 PNG/JPEG/...>"}}, ...]}
     response: {"predictions": [{"label": "glioma",
+                                "confidence": 0.91,
                                 "probabilities": {"glioma": 0.91, "meningioma": 0.04, ...},
+                                "prediction_set": ["glioma"],
+                                "uncertain": false,
+                                "ood_score": -7.2,
                                 "model_version": "v3"}, ...]}
+
+``probabilities`` are calibrated (the bundle's temperature), ``confidence`` is the highest;
+``prediction_set`` holds the true class for the bundle's stated coverage (95 % by default);
+``uncertain`` is true when that set does not hold exactly one class or the confidence is below
+the threshold fitted on validation; ``ood_score`` is the out-of-distribution score (higher: less
+like a brain MRI; ``null`` for a bundle without a detector). An image the detector rejects is
+answered ``{"label": "not_brain_mri", "probabilities": {}, "prediction_set": [],
+"uncertain": true, ...}``: no tumour label at all.
+
+``POST /v1/models/<name>:explain`` takes the same request and answers
+``{"explanations": [...]}``: each prediction as above plus ``explained_label`` (the tumour class
+the map is for: the top class, also for a rejected image), ``heatmap`` (``{"b64": "<PNG>"}``,
+8-bit grey, the size of the sent image, 255 where the evidence for that class is strongest) and
+``box`` (``[x0, y0, x1, y1]``, end-exclusive pixels of the sent image: the hottest region).
 
 v2 (``POST /v2/models/<name>/infer``, REST or gRPC), exactly one input, either
 
@@ -15,8 +33,11 @@ v2 (``POST /v2/models/<name>/infer``, REST or gRPC), exactly one input, either
 * ``FP32`` of shape ``[N, 3, S, S]``: images already preprocessed as in training (``S`` is the
   bundle's ``preprocess.image_size``), named ``pixels`` in the metadata.
 
-Outputs: ``label`` (BYTES ``[N]``) and ``probabilities`` (FP32 ``[N, C]``, class order in the
-output's ``class_names`` parameter); the response's ``model_version`` is the bundle's version.
+Outputs: ``label`` (BYTES ``[N]``, ``not_brain_mri`` for a rejected image), ``probabilities``
+(FP32 ``[N, C]``, calibrated, class order in the output's ``class_names`` parameter; zeros for a
+rejected image), ``prediction_set`` (BYTES ``[N]``, the set's classes joined by commas),
+``uncertain`` (BOOL ``[N]``) and, with a detector, ``ood_score`` (FP32 ``[N]``); the response's
+``model_version`` is the bundle's version.
 
 Over REST the binary extension (``inference-header-content-length``) is read here, not by
 KServe (:func:`read_binary_extension`): every size, shape and element is checked, and BYTES
@@ -47,11 +68,15 @@ from kserve.utils.utils import generate_uuid
 from PIL import Image
 
 from brainmri.images import ImageDecodeError, decode_image
+from brainmri.trust import NOT_BRAIN_MRI, Assessment, hottest_box
 
 IMAGE_KEY = "image_bytes"  # v1 instance key, and the advertised v2 BYTES input name
 PIXELS_INPUT = "pixels"  # the advertised v2 FP32 input name (preprocessed tensors)
 LABEL_OUTPUT = "label"
 PROBABILITIES_OUTPUT = "probabilities"
+SET_OUTPUT = "prediction_set"
+UNCERTAIN_OUTPUT = "uncertain"
+OOD_OUTPUT = "ood_score"
 MAX_LISTED_ERRORS = 5
 BINARY_HEADER = "inference-header-content-length"  # the v2 REST binary extension's header
 # bytes per element of each v2 datatype sent in the binary extension (BYTES is length-prefixed)
@@ -181,16 +206,63 @@ def v1_location(index: int) -> str:
     return f"instances[{index}]"
 
 
-def v1_response(probs: torch.Tensor, class_names: list[str], version: str) -> dict:
-    predictions = [
-        {
-            "label": class_names[int(np.argmax(row))],
-            "probabilities": dict(zip(class_names, row, strict=True)),
-            "model_version": version,
+def answers(assessment: Assessment, class_names: list[str]) -> list[dict[str, Any]]:
+    """Each image's answer as plain data (the v1 prediction, less the version)."""
+    rows = zip(
+        assessment.probabilities.tolist(),
+        assessment.prediction_sets.tolist(),
+        assessment.uncertain.tolist(),
+        assessment.ood_scores.tolist(),
+        assessment.not_brain_mri.tolist(),
+        strict=True,
+    )
+    result = []
+    for proba, members, uncertain, score, rejected in rows:
+        members = [c for c, m in zip(class_names, members, strict=True) if m]
+        answer: dict[str, Any] = {
+            "label": NOT_BRAIN_MRI if rejected else class_names[int(np.argmax(proba))],
+            "confidence": None if rejected else max(proba),
+            "probabilities": {} if rejected else dict(zip(class_names, proba, strict=True)),
+            "prediction_set": [] if rejected else members,
+            "uncertain": bool(uncertain),
+            "ood_score": None if math.isnan(score) else score,
         }
-        for row in probs.tolist()
+        result.append(answer)
+    return result
+
+
+def v1_response(assessment: Assessment, class_names: list[str], version: str) -> dict:
+    predictions = [
+        {**answer, "model_version": version} for answer in answers(assessment, class_names)
     ]
     return {"predictions": predictions}
+
+
+def explain_response(
+    assessment: Assessment,
+    class_names: list[str],
+    version: str,
+    heatmaps: list[torch.Tensor],
+    explained: torch.Tensor,
+) -> dict:
+    """The ``:explain`` answer: each prediction with its heatmap PNG and hottest box."""
+    explanations = []
+    for answer, heatmap, label in zip(
+        answers(assessment, class_names), heatmaps, explained.tolist(), strict=True
+    ):
+        picture = Image.fromarray((heatmap.numpy() * 255).round().astype(np.uint8), mode="L")
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        explanations.append(
+            {
+                **answer,
+                "model_version": version,
+                "explained_label": class_names[label],
+                "heatmap": {"b64": base64.b64encode(buffer.getvalue()).decode("ascii")},
+                "box": list(hottest_box(heatmap)),
+            }
+        )
+    return {"explanations": explanations}
 
 
 # -- v2 ------------------------------------------------------------------------------------------
@@ -288,11 +360,13 @@ def v2_pixels(tensor: Any, image_size: int, limits: Limits) -> torch.Tensor:
 
 
 def v2_response(
-    request: InferRequest, probs: torch.Tensor, class_names: list[str], name: str, version: str
+    request: InferRequest, assessment: Assessment, class_names: list[str], name: str, version: str
 ) -> InferResponse:
-    labels = [class_names[int(i)] for i in probs.argmax(dim=1)]
+    rows = answers(assessment, class_names)
+    probs = assessment.probabilities.masked_fill(assessment.not_brain_mri.unsqueeze(1), 0.0)
+    count = len(rows)
     outputs = [
-        InferOutput(LABEL_OUTPUT, shape=[len(labels)], datatype="BYTES", data=labels),
+        InferOutput(LABEL_OUTPUT, [count], "BYTES", [r["label"] for r in rows]),
         InferOutput(
             PROBABILITIES_OUTPUT,
             shape=list(probs.shape),
@@ -300,7 +374,11 @@ def v2_response(
             data=probs.numpy().astype(np.float32).reshape(-1).tolist(),
             parameters={"class_names": ",".join(class_names)},
         ),
+        InferOutput(SET_OUTPUT, [count], "BYTES", [",".join(r["prediction_set"]) for r in rows]),
+        InferOutput(UNCERTAIN_OUTPUT, [count], "BOOL", [r["uncertain"] for r in rows]),
     ]
+    if not assessment.ood_scores.isnan().any():
+        outputs.append(InferOutput(OOD_OUTPUT, [count], "FP32", assessment.ood_scores.tolist()))
     return InferResponse(
         response_id=request.id or generate_uuid(),
         model_name=name,

@@ -35,7 +35,6 @@ from serving.protocol import BINARY_HEADER, BadRequest, read_binary_extension
 REPOSITORY_FLAG = "--enable_model_repository_api"
 VERSIONED = re.compile(r"^(?P<model>/v2/models/[^/]+)/versions/(?P<version>[^/]+)(?P<rest>/.*)?$")
 V2_INFER = re.compile(r"^/v2/models/[^/]+/infer$")
-V1_EXPLAIN = re.compile(r"^/v1/models/(?P<model>[^/]+):explain$")
 
 
 class RepositoryApiDisabled(PermissionDenied):
@@ -101,13 +100,6 @@ class RestFrontMiddleware:
         self.app, self.served_version = app, served_version
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (explain := V1_EXPLAIN.match(scope["path"])):
-            await respond(
-                send,
-                404,
-                f"model '{explain['model']}' has no explainer on this server; use :predict",
-            )
-            return
         if scope["type"] != "http" or not scope["path"].startswith("/v2/models/"):
             await self.app(scope, receive, send)
             return

@@ -118,6 +118,7 @@ def test_evaluate_scores_the_test_and_external_sets_with_roc_per_class(
     metrics, confusion = artifact(Metrics, out, "m"), artifact(ClassificationMetrics, out, "cm")
     report = artifact(Markdown, out, "report.md")
     predictions = artifact(Dataset, out, "predictions.csv")
+    diagram = artifact(Artifact, out, "reliability.png")
     result = step.evaluate.python_func(
         model=trained[0],
         dataset=Dataset(uri=str(dataset)),
@@ -126,9 +127,12 @@ def test_evaluate_scores_the_test_and_external_sets_with_roc_per_class(
         classification_metrics=confusion,
         report=report,
         predictions=predictions,
+        reliability_diagram=diagram,
         **rocs,
     )
     assert result.accuracy == metrics.metadata["accuracy"]
+    assert Path(diagram.path).read_bytes().startswith(b"\x89PNG")  # the reliability diagram
+    assert {"ece", "ece_before", "set_coverage", "right_flagged"} <= set(metrics.metadata)
     answers = pd.read_csv(predictions.path)
     assert answers["correct"].mean() == pytest.approx(result.accuracy)
     assert {"accuracy_ci_low", "accuracy_ci_high", "errors"} <= set(metrics.metadata)

@@ -29,6 +29,7 @@ from PIL import Image
 from prometheus_client import REGISTRY
 
 from brainmri import CLASS_NAMES
+from brainmri.backbones import get_backbone
 from brainmri.demo_data import synthetic_slice
 from brainmri.images import PreprocessConfig, decode_image
 from brainmri.local_s3 import free_ports
@@ -175,7 +176,8 @@ def test_load_rejects_a_directory_without_a_bundle(tmp_path: Path) -> None:
 
 def test_v1_batch_runs_as_one_forward_pass(loaded: BrainMRIModel) -> None:
     batch_sizes: list[int] = []
-    hook = loaded.bundle.model.register_forward_hook(
+    head = loaded.bundle.model.get_submodule(get_backbone(loaded.bundle.backbone).head)
+    hook = head.register_forward_hook(
         lambda _module, inputs, _output: batch_sizes.append(inputs[0].shape[0])
     )
     try:

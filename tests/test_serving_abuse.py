@@ -414,15 +414,21 @@ def test_the_model_repository_api_is_closed(server: Server) -> None:
     assert v1(server, png()).status_code == 200  # still serving
 
 
-def test_versions_are_routed_and_explain_is_a_404(server: ServerProcess) -> None:
+def test_versions_are_routed_and_bad_explain_input_is_a_400(server: ServerProcess) -> None:
     base = f"{server.url}/v2/models/{MODEL}"
     assert requests.get(f"{base}/ready?model_version=v7", timeout=10).status_code == 200
     assert requests.get(f"{base}/versions/v7", timeout=10).status_code == 200
     for wrong in (f"{base}/ready?model_version=3", f"{base}/versions/v1/ready"):
         response = requests.get(wrong, timeout=10)
         assert response.status_code == 404 and "serves version 'v7'" in response.text
-    response = requests.post(f"{server.url}/v1/models/{MODEL}:explain", json={}, timeout=10)
-    assert response.status_code == 404 and "no explainer" in response.text
+    explain = f"{server.url}/v1/models/{MODEL}:explain"
+    response = requests.post(explain, json={}, timeout=10)
+    assert response.status_code == 400 and "no 'instances' field" in response.json()["error"]
+    bad = {"instances": [{"image_bytes": {"b64": "bm90IGFuIGltYWdl"}}]}
+    response = requests.post(explain, json=bad, timeout=10)
+    assert response.status_code == 400 and "instances[0]" in response.json()["error"]
+    response = requests.post(explain, data=b"\xff{", timeout=10)
+    assert 400 <= response.status_code < 500
 
 
 def test_overload_is_shed_with_429_while_liveness_holds(server: ServerProcess) -> None:

@@ -57,6 +57,19 @@ def test_train_then_evaluate(prepared: tuple[Path, Path], tmp_path: Path) -> Non
     assert set(evaluation.per_class) == set(bundle.class_names)
     report = render_report(evaluation)
     assert "## Model card" in report and "tiny_cnn" in report
+    # calibration, sets, flags and the OOD detector are fitted on val and saved with the model
+    trust = bundle.trust
+    assert trust.fit_report["validation_images"] == 12 and trust.fit_report["training_images"] == 24
+    assert trust.temperature > 0 and trust.set_quantile is not None and trust.ood is not None
+    scores = evaluation.trust
+    assert scores.temperature == trust.temperature and scores.overall.images == 12
+    assert 0 <= scores.after.ece <= 1 and set(scores.per_class) == set(bundle.class_names)
+    assert {"ece", "ece_before", "set_coverage", "mean_set_size"} <= set(
+        evaluation.scalar_metrics()
+    )
+    assert {"prediction_set", "uncertain", "ood_score"} <= set(evaluation.predictions.columns)
+    assert "## Calibration and uncertainty" in report and "reliability diagram" in report
+    assert "## Where the evidence is" in report and len(evaluation.explained) >= 1
 
 
 def test_pretrained_backbone_trains_head_then_whole_network(
@@ -309,8 +322,11 @@ def test_test_time_flip_is_recorded_in_the_bundle_and_averages_mirror_images(
     bundle = ModelBundle.load(tmp_path / "m")
     assert bundle.test_time_flip
     batch = torch.rand(3, 3, 32, 32)
+    temperature = bundle.trust.temperature  # fitted on val after training, applied to both
     with torch.inference_mode():
-        plain, mirrored = (torch.softmax(bundle.model(b), dim=1) for b in (batch, batch.flip(-1)))
+        plain, mirrored = (
+            torch.softmax(bundle.model(b) / temperature, dim=1) for b in (batch, batch.flip(-1))
+        )
     assert torch.allclose(bundle.predict_proba(batch), (plain + mirrored) / 2, atol=1e-6)
     assert torch.allclose(bundle.predict_proba(batch), bundle.predict_proba(batch.flip(-1)))
 
