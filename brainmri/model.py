@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,14 @@ from torch import nn
 from brainmri.backbones import PretrainedWeightsUnavailable, get_backbone
 from brainmri.cpu import cpu_budget
 from brainmri.images import PreprocessConfig
+from brainmri.runtimes import (
+    ONNX_FILE,
+    Runtime,
+    RuntimeUnavailable,
+    TorchRuntime,
+    export_onnx,
+    load_runtime,
+)
 from brainmri.storage import ObjectStore, local_copy
 from brainmri.trust import TRUST_FILE, Assessment, Outputs, Trust
 
@@ -105,8 +114,11 @@ class ModelBundle:
     # calibration, prediction sets, uncertainty and OOD detection fitted after training (the
     # default fits nothing: a bundle saved before they existed loads and answers as it did)
     trust: Trust = field(default_factory=Trust)
+    # what runs the forward pass (:mod:`brainmri.runtimes`); None: eager PyTorch on ``model``
+    runtime: Runtime | None = field(default=None, repr=False)
 
-    def save(self, directory: Path) -> Path:
+    def save(self, directory: Path, export: bool = False) -> Path:
+        """Write the bundle to ``directory``; with ``export``, the network as ONNX too."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
@@ -121,6 +133,10 @@ class ModelBundle:
         }
         (directory / TRUST_FILE).unlink(missing_ok=True)
         self.trust.save_tensors(directory)
+        if export:
+            export_onnx(
+                self.model, self.backbone, self.preprocess.image_size, directory / ONNX_FILE
+            )
         _write_description(directory, description)
         return directory
 
@@ -140,7 +156,15 @@ class ModelBundle:
                 raise BundleError(f"{directory / name} does not match its checksum: corrupt")
 
     @classmethod
-    def load(cls, directory: Path, device: torch.device | str = "cpu") -> ModelBundle:
+    def load(
+        cls,
+        directory: Path,
+        device: torch.device | str = "cpu",
+        runtime: str = "torch",
+        threads: int | None = None,
+    ) -> ModelBundle:
+        """The bundle in ``directory`` on ``device``, its forward pass run by ``runtime``
+        (eager PyTorch when the bundle has no exported network for it: a warning says so)."""
         directory = Path(directory)
         description = _read_description(directory)
         ModelBundle.verify(directory)
@@ -148,7 +172,7 @@ class ModelBundle:
         state = torch.load(directory / WEIGHTS_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(state)
         model.to(device).eval()
-        return cls(
+        bundle = cls(
             model,
             description["backbone"],
             list(description["class_names"]),
@@ -157,6 +181,16 @@ class ModelBundle:
             bool(description.get("test_time_flip", False)),
             Trust.from_saved(description.get("trust", {}), directory),
         )
+        if runtime != "torch":
+            try:
+                bundle.runtime = load_runtime(runtime, model, bundle.backbone, directory, threads)
+            except RuntimeUnavailable as err:
+                warnings.warn(f"{err}; serving with eager PyTorch instead", stacklevel=2)
+        return bundle
+
+    @property
+    def runtime_name(self) -> str:
+        return self.runtime.name if self.runtime is not None else "torch"
 
     @staticmethod
     def read_metadata(directory: Path) -> dict[str, Any]:
@@ -183,10 +217,9 @@ class ModelBundle:
         batch = batch.to(self.device, non_blocking=True)
         views = 2 if self.test_time_flip else 1
         inputs = torch.cat([batch, batch.flip(-1)]) if self.test_time_flip else batch
-        spec = get_backbone(self.backbone)
-        feature_maps = spec.feature_map(self.model, inputs)
+        runtime = self.runtime or TorchRuntime(self.model, self.backbone)
+        logits, feature_maps = runtime(inputs)
         pooled = feature_maps.float().mean(dim=(2, 3))
-        logits = self.model.get_submodule(spec.head)(pooled.to(feature_maps.dtype)).float()
         per_view = feature_maps.float().view(views, len(batch), *feature_maps.shape[1:])
         if maps and self.test_time_flip:
             per_view = torch.stack([per_view[0], per_view[1].flip(-1)])
@@ -240,7 +273,8 @@ def _read_description(directory: Path) -> dict[str, Any]:
 def _write_description(directory: Path, description: dict[str, Any]) -> None:
     """Write ``model.json``, then the checksums of the bundle (last: they complete it)."""
     (directory / METADATA_FILE).write_text(json.dumps(description, indent=2))
-    names = [WEIGHTS_FILE, METADATA_FILE] + [TRUST_FILE] * (directory / TRUST_FILE).is_file()
+    optional = [name for name in (TRUST_FILE, ONNX_FILE) if (directory / name).is_file()]
+    names = [WEIGHTS_FILE, METADATA_FILE, *optional]
     checksums = {name: _sha256(directory / name) for name in names}
     (directory / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=2))
 
@@ -252,9 +286,13 @@ def _sha256(path: Path) -> str:
 
 
 def load_bundle(
-    location: str | Path, device: torch.device | str | None = None, store: ObjectStore | None = None
+    location: str | Path,
+    device: torch.device | str | None = None,
+    store: ObjectStore | None = None,
+    runtime: str = "torch",
+    threads: int | None = None,
 ) -> ModelBundle:
     """The bundle at a local folder or ``s3://bucket/prefix`` (downloaded, then loaded), on
-    ``device`` (default: CUDA when present)."""
+    ``device`` (default: CUDA when present), run by ``runtime``."""
     with local_copy(location, store) as directory:
-        return ModelBundle.load(directory, device or pick_device())
+        return ModelBundle.load(directory, device or pick_device(), runtime, threads)

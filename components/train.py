@@ -638,7 +638,7 @@ def _finish(run: TrainRun, s: _Setup, state: TrainState, resumed_from: int | Non
             bundle, s.train_loader.dataset.data, s.val_loader.dataset.data, config
         )
         print(f"trust fitted on val: {json.dumps(bundle.trust.to_dict())}", flush=True)
-        bundle.save(Path(run.output))
+        bundle.save(Path(run.output), export=True)  # with the network as ONNX, for serving
     s.ctx.barrier()
     s.ctx.stop()
     return result

@@ -57,8 +57,8 @@ ANSWERS = Counter(
 )
 MODEL_INFO = Gauge(
     "brainmri_model_info",
-    "The served model bundle (value 1): version, backbone and input size as labels.",
-    ["model_name", "version", "backbone", "image_size"],
+    "The served model bundle (value 1): version, backbone, input size and runtime as labels.",
+    ["model_name", "version", "backbone", "image_size", "runtime"],
 )
 
 
@@ -100,7 +100,8 @@ class BrainMRIModel(Model):
     this is the same check for requests that reach the model another way), ``max_image_pixels``
     the pixels of one image before it is decoded. ``decode_workers`` threads decode and
     preprocess images (default: the process's CPU budget); ``forward_workers`` forward passes
-    may run at once (default 1; ``python -m serving`` picks it for the device).
+    may run at once (default 1; ``python -m serving`` picks it for the device), each run by
+    ``runtime`` (:mod:`brainmri.runtimes`) on ``runtime_threads`` threads.
     """
 
     def __init__(
@@ -114,6 +115,8 @@ class BrainMRIModel(Model):
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         decode_workers: int | None = None,
         forward_workers: int = 1,
+        runtime: str = "torch",
+        runtime_threads: int | None = None,
     ) -> None:
         super().__init__(name)
         for what, value in (
@@ -129,6 +132,7 @@ class BrainMRIModel(Model):
         self.limits = Limits(max_batch_size, max_payload_bytes, max_image_pixels)
         self.decode_workers = decode_workers or cpu_budget()
         self.forward_workers = forward_workers
+        self.runtime, self.runtime_threads = runtime, runtime_threads
         self._device = device
         self.bundle: ModelBundle | None = None
         self.model_version = UNKNOWN_VERSION
@@ -148,16 +152,19 @@ class BrainMRIModel(Model):
         """Fetch the bundle, rebuild the network, run one warm-up pass, then report ready."""
         started = time.perf_counter()
         device = torch.device(self._device) if self._device is not None else None
-        bundle = load_bundle(self.storage_uri, device)
+        bundle = load_bundle(
+            self.storage_uri, device, runtime=self.runtime, threads=self.runtime_threads
+        )
         self._warm_up(bundle)
         self.bundle = bundle
         self.model_version = str(bundle.metadata.get("version") or UNKNOWN_VERSION)
-        MODEL_INFO.labels(
-            self.name, self.model_version, bundle.backbone, str(bundle.preprocess.image_size)
-        ).set(1)
+        size = str(bundle.preprocess.image_size)
+        labels = (self.name, self.model_version, bundle.backbone, size, bundle.runtime_name)
+        MODEL_INFO.labels(*labels).set(1)
         self.ready = True
         logger.info(
-            "Model %r ready in %.2fs: %s %s, version %s, classes %s, input %dpx, device %s",
+            "Model %r ready in %.2fs: %s %s, version %s, classes %s, input %dpx, device %s, "
+            "runtime %s",
             self.name,
             time.perf_counter() - started,
             bundle.backbone,
@@ -166,6 +173,7 @@ class BrainMRIModel(Model):
             bundle.class_names,
             bundle.preprocess.image_size,
             bundle.device,
+            bundle.runtime_name,
         )
         return self.ready
 

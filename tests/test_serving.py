@@ -445,7 +445,7 @@ def test_rejections_and_batch_sizes_are_counted(loaded: BrainMRIModel) -> None:
         rejected_before + 1
     )
     assert sample("brainmri_request_images_sum", {}) == images_before + 2
-    info = {"version": "v1", "backbone": "tiny_cnn", "image_size": "64"}
+    info = {"version": "v1", "backbone": "tiny_cnn", "image_size": "64", "runtime": "torch"}
     assert sample("brainmri_model_info", info) == 1.0
 
 
@@ -695,7 +695,7 @@ def test_server_health_metadata_and_metrics(server: Server) -> None:
         f'brainmri_request_images_count{{model_name="{MODEL_NAME}"}}',
         f'brainmri_rejected_requests_total{{model_name="{MODEL_NAME}",reason="invalid_input"}}',
         f'brainmri_model_info{{backbone="tiny_cnn",image_size="64",model_name="{MODEL_NAME}",'
-        'version="v1"} 1.0',
+        'runtime="torch",version="v1"} 1.0',
     ):
         assert sample in text, sample
 

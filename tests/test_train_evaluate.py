@@ -58,6 +58,7 @@ def test_train_then_evaluate(prepared: tuple[Path, Path], tmp_path: Path) -> Non
     report = render_report(evaluation)
     assert "## Model card" in report and "tiny_cnn" in report
     # calibration, sets, flags and the OOD detector are fitted on val and saved with the model
+    assert (tmp_path / "model" / "model.onnx").is_file()  # exported for the serving runtimes
     trust = bundle.trust
     assert trust.fit_report["validation_images"] == 12 and trust.fit_report["training_images"] == 24
     assert trust.temperature > 0 and trust.set_quantile is not None and trust.ood is not None

@@ -1,0 +1,79 @@
+"""The exported network and the runtimes that serve it: ONNX export checked, OpenVINO and ONNX
+Runtime answering as eager PyTorch does (labels, probabilities, sets, OOD scores, maps), the
+runtime chosen by name, and eager PyTorch when the bundle has no exported file."""
+
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+
+from brainmri.backbones import get_backbone
+from brainmri.model import ModelBundle, build_model
+from brainmri.runtimes import ONNX_FILE, RUNTIMES, load_runtime
+from brainmri.trust import OODDetector, Trust
+from serving.__main__ import build_parser
+
+pytestmark = pytest.mark.unit
+CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny bundle with flip averaging, a fitted-looking trust and its network as ONNX."""
+    torch.manual_seed(0)
+    model = build_model("tiny_cnn", 4).eval()
+    bundle = ModelBundle(
+        model, "tiny_cnn", CLASSES, get_backbone("tiny_cnn").preprocess(48), test_time_flip=True
+    )
+    bundle.trust = Trust(temperature=0.7, set_quantile=0.6, ood=OODDetector("energy", 5.0))
+    return bundle.save(tmp_path_factory.mktemp("exported") / "model", export=True)
+
+
+def test_the_export_is_a_checked_onnx_graph_in_the_bundle(exported: Path) -> None:
+    graph = onnx.load(exported / ONNX_FILE)
+    onnx.checker.check_model(graph, full_check=True)
+    assert [o.name for o in graph.graph.output] == ["logits", "feature_map"]
+    assert ONNX_FILE in (exported / "checksums.json").read_text()  # verified on load
+    intact = (exported / ONNX_FILE).read_bytes()
+    (exported / ONNX_FILE).write_bytes(intact + b"x")
+    with pytest.raises(ValueError, match="model.onnx does not match its checksum"):
+        ModelBundle.load(exported)
+    (exported / ONNX_FILE).write_bytes(intact)
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_every_runtime_answers_as_eager_pytorch(exported: Path, runtime: str) -> None:
+    eager, served = ModelBundle.load(exported), ModelBundle.load(exported, runtime=runtime)
+    assert served.runtime_name == runtime
+    batch = torch.randn(40, 3, 48, 48)
+    ours, theirs = eager.forward(batch, maps=True), served.forward(batch, maps=True)
+    assert torch.allclose(ours.probabilities(0.7), theirs.probabilities(0.7), atol=1e-5)
+    assert torch.allclose(ours.maps, theirs.maps, atol=1e-4)
+    a, b = eager.trust.assess(ours), served.trust.assess(theirs)
+    assert torch.equal(a.predicted, b.predicted) and torch.equal(
+        a.prediction_sets, b.prediction_sets
+    )
+    assert torch.allclose(a.ood_scores, b.ood_scores, atol=1e-4)
+
+
+def test_a_bundle_without_its_export_is_served_eagerly(tmp_path: Path) -> None:
+    model = build_model("tiny_cnn", 4)
+    bundle = ModelBundle(model, "tiny_cnn", CLASSES, get_backbone("tiny_cnn").preprocess(32))
+    bundle.save(tmp_path)
+    with pytest.warns(UserWarning, match="model.onnx missing.*eager PyTorch"):
+        loaded = ModelBundle.load(tmp_path, runtime="openvino")
+    assert loaded.runtime_name == "torch" and loaded.predict_proba(
+        torch.randn(2, 3, 32, 32)
+    ).shape == (2, 4)
+
+
+def test_runtimes_are_chosen_by_name(exported: Path) -> None:
+    model = ModelBundle.load(exported).model
+    assert {load_runtime(n, model, "tiny_cnn", exported).name for n in RUNTIMES} == set(RUNTIMES)
+    assert load_runtime("openvino-bf16", model, "tiny_cnn", exported).name == "openvino-bf16"
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        load_runtime("tensorrt", model, "tiny_cnn", exported)
+    parser = build_parser()
+    assert parser.parse_args(["--model_dir", "/m"]).runtime == "openvino"  # the measured default
+    assert parser.parse_args(["--model_dir", "/m", "--runtime", "torch"]).runtime == "torch"
