@@ -176,6 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="Forward passes that may run at once. Default: the CPU budget on a CPU (several "
         "single-threaded passes keep the cores busier than one multi-threaded pass), 1 on a GPU.",
     )
+    limits.add_argument(
+        "--max_batch_latency_ms",
+        "--max-batch-latency-ms",
+        dest="max_batch_latency_ms",
+        type=float,
+        default=0.0,
+        help="Batch the images of concurrent requests into one forward pass, up to "
+        "--max_batch_size images or until the first has waited this long; 0 = off (each "
+        "request its own pass). With it on, the default serving slots are --max_batch_size per "
+        "forward worker, so that requests can wait together.",
+    )
     threads.add_argument(
         "--runtime",
         choices=(*RUNTIMES, "openvino-bf16"),
@@ -209,6 +220,14 @@ def forward_threads(
     return forward_workers, torch_threads
 
 
+def default_inflight(args: argparse.Namespace, model: BrainMRIModel) -> int:
+    """Serving slots when --max_inflight_requests is not given: half the forward workers (at
+    least one), or a full batch per forward worker when requests are batched."""
+    if args.max_batch_latency_ms > 0:
+        return args.max_batch_size * model.forward_workers
+    return max(1, model.forward_workers // 2)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -234,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         forward_workers=forward_workers,
         runtime=args.runtime,
         runtime_threads=torch_threads,
+        max_batch_latency_ms=args.max_batch_latency_ms,
     )
     try:
         model.load()
@@ -253,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     app.add_middleware(RestFrontMiddleware, served_version=lambda: model.model_version)
     limits = AdmissionLimits(
         max_payload_bytes=args.max_payload_bytes,
-        max_inflight_requests=args.max_inflight_requests or max(1, model.forward_workers // 2),
+        max_inflight_requests=args.max_inflight_requests or default_inflight(args, model),
         max_inflight_bytes=args.max_inflight_bytes,
         body_timeout_s=args.body_timeout_s,
     )

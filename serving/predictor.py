@@ -30,6 +30,7 @@ from brainmri.cpu import cpu_budget
 from brainmri.model import ModelBundle, load_bundle
 from brainmri.trust import Assessment, heatmaps
 from serving import protocol
+from serving.batching import Batcher
 from serving.protocol import IMAGE_KEY, LABEL_OUTPUT, PIXELS_INPUT, PROBABILITIES_OUTPUT, Limits
 
 DEFAULT_MAX_BATCH_SIZE = 32
@@ -101,7 +102,9 @@ class BrainMRIModel(Model):
     the pixels of one image before it is decoded. ``decode_workers`` threads decode and
     preprocess images (default: the process's CPU budget); ``forward_workers`` forward passes
     may run at once (default 1; ``python -m serving`` picks it for the device), each run by
-    ``runtime`` (:mod:`brainmri.runtimes`) on ``runtime_threads`` threads.
+    ``runtime`` (:mod:`brainmri.runtimes`) on ``runtime_threads`` threads. With
+    ``max_batch_latency_ms`` above 0, the images of concurrent requests share forward passes
+    (:class:`~serving.batching.Batcher`: up to ``max_batch_size`` images, or that long).
     """
 
     def __init__(
@@ -117,6 +120,7 @@ class BrainMRIModel(Model):
         forward_workers: int = 1,
         runtime: str = "torch",
         runtime_threads: int | None = None,
+        max_batch_latency_ms: float = 0.0,
     ) -> None:
         super().__init__(name)
         for what, value in (
@@ -133,6 +137,10 @@ class BrainMRIModel(Model):
         self.decode_workers = decode_workers or cpu_budget()
         self.forward_workers = forward_workers
         self.runtime, self.runtime_threads = runtime, runtime_threads
+        if max_batch_latency_ms < 0:
+            raise ValueError(f"max_batch_latency_ms must be >= 0, got {max_batch_latency_ms}")
+        self.max_batch_latency_ms = max_batch_latency_ms
+        self._batcher: Batcher | None = None
         self._device = device
         self.bundle: ModelBundle | None = None
         self.model_version = UNKNOWN_VERSION
@@ -145,6 +153,7 @@ class BrainMRIModel(Model):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_decode_pool"] = state["_forward_pool"] = None  # thread pools do not pickle
+        state["_batcher"] = None
         return state
 
     # -- loading -------------------------------------------------------------------------
@@ -196,6 +205,7 @@ class BrainMRIModel(Model):
             if pool is not None:
                 pool.shutdown(wait=False)  # queued work still finishes
         self._decode_pool = self._forward_pool = None
+        self._batcher = None
 
     def _pools(self) -> tuple[ThreadPoolExecutor, ThreadPoolExecutor]:
         if self.bundle is None or not self.ready:
@@ -267,8 +277,18 @@ class BrainMRIModel(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> Prediction:
-        """One batched forward pass for all instances, assessed (calibrated, sets, flags)."""
+        """One forward pass for all instances, assessed (calibrated, sets, flags); with
+        ``max_batch_latency_ms``, shared with the images of concurrent requests."""
         _, forward_pool = self._pools()
+        if self.max_batch_latency_ms > 0:
+            if self._batcher is None:
+                self._batcher = Batcher(
+                    self.bundle.assess,
+                    forward_pool,
+                    self.limits.max_batch_size,
+                    self.max_batch_latency_ms / 1000,
+                )
+            return Prediction(payload, await self._batcher.submit(payload.pixels))
         loop = asyncio.get_running_loop()
         assessment = await loop.run_in_executor(forward_pool, self.bundle.assess, payload.pixels)
         return Prediction(payload, assessment)
