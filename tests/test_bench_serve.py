@@ -19,6 +19,9 @@ def test_bench_serve_smoke(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["model"]["source"].startswith("stand-in")
     assert result["images"]["distinct"] == bench_serve.POOL_SIZE
-    assert [row["batch_size"] for row in result["raw_forward"]] == [1]
+    assert set(result["raw_forward"]) == {"torch", "openvino"}  # each variant's runtime
+    assert [row["batch_size"] for row in result["raw_forward"]["openvino"]] == [1]
     assert result["server"] and all(s["images_per_s"] > 0 for s in result["server"])
-    assert result["goals"]
+    assert {s["variant"] for s in result["server"]} == set(bench_serve.VARIANTS)
+    assert set(result["goals"]["cold_start_s"]) == set(bench_serve.VARIANTS)
+    assert result["goals"]["over_eager_server"] > 0 and result["goals"]["no_errors"]
