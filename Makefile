@@ -47,10 +47,10 @@ debian-packages: ## install DEBIAN_PACKAGES with apt-get when missing and run as
 	else echo "optional Debian packages missing: $$missing (sudo apt-get install $$missing); runs go on without them"; fi
 
 run: $(STAMP) debian-packages ## demo end to end: local S3, pipeline via kfp.local, KServe server, one query (DATA=folder|s3://bucket/prefix)
-	$(ON_TCMALLOC) $(BIN)/python -m pipelines.quickstart $(if $(DATA),--data "$(DATA)")
+	$(BIN)/python -m pipelines.quickstart $(if $(DATA),--data "$(DATA)")
 
 test: $(STAMP) debian-packages ## run the test suite (unit and integration tests)
-	$(ON_TCMALLOC) $(BIN)/python -m pytest
+	$(BIN)/python -m pytest
 
 test-unit: $(STAMP) ## only the unit tests: no server, subprocess or kfp.local run (well under a minute)
 	$(BIN)/python -m pytest -m unit

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from brainmri.backbones import get_backbone
+from brainmri.cpu import loaded_allocator
 
 RUNTIMES = ("torch", "onnxruntime", "openvino")
 # the fastest runtime measured on 2 CPU cores that answers as eager PyTorch does (fp32):
@@ -121,6 +122,11 @@ class OpenVinoRuntime:
     """OpenVINO on the CPU, in fp32 or bf16 (where the CPU computes bf16 natively)."""
 
     def __init__(self, path: Path, threads: int | None = None, precision: str = "f32") -> None:
+        if loaded_allocator() != "glibc":  # its libraries free memory that malloc did not give
+            raise RuntimeUnavailable(
+                f"OpenVINO aborts in a process whose malloc is {loaded_allocator()} (LD_PRELOAD): "
+                "serve without preloading it"
+            )
         try:
             import openvino
         except ImportError as err:

@@ -77,3 +77,28 @@ def test_runtimes_are_chosen_by_name(exported: Path) -> None:
     parser = build_parser()
     assert parser.parse_args(["--model_dir", "/m"]).runtime == "openvino"  # the measured default
     assert parser.parse_args(["--model_dir", "/m", "--runtime", "torch"]).runtime == "torch"
+
+
+@pytest.mark.integration
+def test_openvino_is_refused_not_crashed_under_a_preloaded_tcmalloc(exported: Path) -> None:
+    """OpenVINO aborts the process under LD_PRELOAD=tcmalloc: the bundle falls back instead."""
+    import ctypes.util
+    import os
+    import subprocess
+    import sys
+
+    from brainmri.cpu import TCMALLOC
+
+    if ctypes.util.find_library("tcmalloc_minimal") is None:
+        pytest.skip(f"{TCMALLOC} not installed (apt-get install libtcmalloc-minimal4)")
+    code = (
+        "import warnings; from brainmri.model import ModelBundle\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        f"    bundle = ModelBundle.load({str(exported)!r}, runtime='openvino')\n"
+        "print(bundle.runtime_name, [str(w.message) for w in seen])\n"
+    )
+    env = {**os.environ, "LD_PRELOAD": TCMALLOC}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("torch") and "malloc is tcmalloc" in done.stdout
