@@ -46,13 +46,12 @@ from brainmri import CLASS_NAMES
 from brainmri.dataset import MANIFEST_FILE, ImageSet, load_image_set, read_manifest
 from brainmri.demo_data import generate_demo_dataset, lesion_box, read_lesion_mask
 from brainmri.model import ModelBundle
-from brainmri.non_mri import non_mri_images
+from brainmri.non_mri import non_mri_batch
 from brainmri.shift import SHIFTS, shifted_copy
 from brainmri.trust import (
     OOD_METHODS,
     Outputs,
     fit_ood,
-    fit_trust,
     heatmaps,
     hottest_box,
     ood_metrics,
@@ -66,7 +65,7 @@ from components.config import (
 from components.evaluate import Evaluation, evaluate_bundle
 from components.ingest import ingest_dataset
 from components.split import split_manifest
-from components.train import PROBE_PER_KIND, PROBE_SEED, TrainRun, train_model
+from components.train import TrainRun, fit_bundle_trust, train_model
 from components.trust_scores import POINTING_TOLERANCE, box_iou, pointing_distance
 from serving.process import serve_in_subprocess
 
@@ -116,15 +115,6 @@ def split_images(args: argparse.Namespace, work: Path, bundle: ModelBundle) -> d
         )
         for name in ("train", "val", "test")
     }
-
-
-def non_mri_set(bundle: ModelBundle, seed: int, per_kind: int) -> tuple[torch.Tensor, list[str]]:
-    """The generated non-MRI images at the model's input size, and the kind of each."""
-    resize = bundle.preprocess.resize()
-    made = list(non_mri_images(per_kind, seed=seed))
-    return torch.stack([resize(image.convert("RGB")) for _, _, image in made]), [
-        kind for kind, _, _ in made
-    ]
 
 
 def flag_frontier(evaluation: Evaluation, rates: tuple[float, ...] = (0.02, 0.05, 0.1)) -> dict:
@@ -221,17 +211,9 @@ def real_data_figures(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         name: bundle.forward_images(data.images, desc=f"forward {name}")
         for name, data in sets.items()
     }
-    probe_images, _ = non_mri_set(bundle, PROBE_SEED, PROBE_PER_KIND)
     config = TrainConfig()
-    bundle.trust = fit_trust(  # what training's fit_bundle_trust does, on outputs computed once
-        outputs["train"],
-        sets["train"].labels,
-        outputs["val"],
-        sets["val"].labels,
-        bundle.forward_images(probe_images),
-        config.coverage,
-        config.false_flag_rate,
-        config.false_rejection_rate,
+    bundle.trust = fit_bundle_trust(  # as training fits it, on outputs computed once here
+        bundle, outputs["train"], sets["train"].labels, outputs["val"], sets["val"].labels, config
     )
     test = sets["test"]
     shifted_images, shifts = shifted_copy(test.images, seed=0)
@@ -241,7 +223,7 @@ def real_data_figures(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         shift: float(shifted.predictions["correct"][[s == shift for s in shifts]].mean())
         for shift in SHIFTS
     }
-    non_mri, kinds = non_mri_set(bundle, NON_MRI_SEED, NON_MRI_PER_KIND)
+    non_mri, kinds = non_mri_batch(bundle.preprocess, NON_MRI_PER_KIND, NON_MRI_SEED)
     inside = {"test": outputs["test"], "shifted": bundle.forward_images(shifted_images)}
     ood = ood_figures(
         outputs["train"],

@@ -24,7 +24,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from brainmri.images import PreprocessConfig
 
 Maker = Callable[[np.random.Generator, int, int], Image.Image]
 
@@ -134,6 +137,16 @@ def non_mri_images(
         rng = np.random.default_rng([seed, offset])
         for index in range(per_kind):
             yield kind, index, make(rng, size, index)
+
+
+def non_mri_batch(
+    preprocess: PreprocessConfig, per_kind: int = 8, seed: int = 0
+) -> tuple[torch.Tensor, list[str]]:
+    """The set resized as ``preprocess`` resizes (uint8 ``[N, 3, S, S]``), and each one's kind."""
+    resize = preprocess.resize()
+    made = list(non_mri_images(per_kind, seed=seed))
+    images = torch.stack([resize(image.convert("RGB")) for _, _, image in made])
+    return images, [kind for kind, _, _ in made]
 
 
 def generate_non_mri_set(

@@ -122,9 +122,10 @@ class OpenVinoRuntime:
     """OpenVINO on the CPU, in fp32 or bf16 (where the CPU computes bf16 natively)."""
 
     def __init__(self, path: Path, threads: int | None = None, precision: str = "f32") -> None:
-        if loaded_allocator() != "glibc":  # its libraries free memory that malloc did not give
+        malloc = loaded_allocator()
+        if malloc != "glibc":  # its libraries free memory that this malloc did not give
             raise RuntimeUnavailable(
-                f"OpenVINO aborts in a process whose malloc is {loaded_allocator()} (LD_PRELOAD): "
+                f"OpenVINO aborts in a process whose malloc is {malloc} (LD_PRELOAD): "
                 "serve without preloading it"
             )
         try:

@@ -127,6 +127,13 @@ class Assessment:
     def confidence(self) -> Tensor:
         return self.probabilities.max(dim=1).values
 
+    def set_members(self, class_names: list[str]) -> list[list[str]]:
+        """Each image's prediction set as class names."""
+        return [
+            [name for name, held in zip(class_names, row, strict=True) if held]
+            for row in self.prediction_sets.tolist()
+        ]
+
 
 @dataclass
 class Trust:

@@ -298,11 +298,8 @@ def evaluate_bundle(
         trust.temperature,
         trust.coverage if trust.set_quantile is not None else None,  # None: no sets fitted
     )
-    sets = assessment.prediction_sets.numpy()
     evaluation.predictions = evaluation.predictions.assign(
-        prediction_set=[
-            ",".join(c for c, m in zip(bundle.class_names, row, strict=True) if m) for row in sets
-        ],
+        prediction_set=[",".join(names) for names in assessment.set_members(bundle.class_names)],
         uncertain=assessment.uncertain.numpy(),
         ood_score=assessment.ood_scores.numpy(),
         not_brain_mri=assessment.not_brain_mri.numpy(),

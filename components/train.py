@@ -51,9 +51,9 @@ from brainmri.model import (
     load_pretrained_weights,
     pick_device,
 )
-from brainmri.non_mri import non_mri_images
+from brainmri.non_mri import non_mri_batch
 from brainmri.storage import ObjectStore
-from brainmri.trust import Trust, fit_trust
+from brainmri.trust import Outputs, Trust, fit_trust
 from components.augment import BatchAugment, build_transform
 from components.checkpoint import Checkpoints, TrainState
 from components.config import AugmentConfig, TrainConfig, from_dict, to_dict
@@ -566,23 +566,22 @@ def train_model(
 
 
 def fit_bundle_trust(
-    bundle: ModelBundle, train: ImageSet, val: ImageSet, config: TrainConfig
+    bundle: ModelBundle,
+    train: Outputs,
+    train_labels: torch.Tensor,
+    val: Outputs,
+    val_labels: torch.Tensor,
+    config: TrainConfig,
 ) -> Trust:
-    """Calibration, prediction sets and the uncertainty threshold fitted on ``val``; the OOD
-    detectors on ``train``'s features, the one kept that better tells ``val`` from a generated
-    non-MRI probe set."""
-    resize = bundle.preprocess.resize()
-    probe = torch.stack(
-        [
-            resize(image.convert("RGB"))
-            for _, _, image in non_mri_images(PROBE_PER_KIND, seed=PROBE_SEED)
-        ]
-    )
+    """Calibration, prediction sets and the uncertainty threshold fitted on ``val``'s outputs;
+    the OOD detectors on ``train``'s features, the one kept that better tells ``val`` from a
+    generated non-MRI probe set."""
+    probe, _ = non_mri_batch(bundle.preprocess, PROBE_PER_KIND, PROBE_SEED)
     return fit_trust(
-        bundle.forward_images(train.images, desc="features of train"),
-        train.labels,
-        bundle.forward_images(val.images, desc="outputs of val"),
-        val.labels,
+        train,
+        train_labels,
+        val,
+        val_labels,
         bundle.forward_images(probe),
         config.coverage,
         config.false_flag_rate,
@@ -634,8 +633,14 @@ def _finish(run: TrainRun, s: _Setup, state: TrainState, resumed_from: int | Non
         test_time_flip=config.test_time_flip,
     )
     if s.ctx.is_main:
+        train, val = s.train_loader.dataset.data, s.val_loader.dataset.data
         bundle.trust = fit_bundle_trust(
-            bundle, s.train_loader.dataset.data, s.val_loader.dataset.data, config
+            bundle,
+            bundle.forward_images(train.images, desc="features of train"),
+            train.labels,
+            bundle.forward_images(val.images, desc="outputs of val"),
+            val.labels,
+            config,
         )
         print(f"trust fitted on val: {json.dumps(bundle.trust.to_dict())}", flush=True)
         bundle.save(Path(run.output), export=True)  # with the network as ONNX, for serving

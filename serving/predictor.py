@@ -305,8 +305,9 @@ class BrainMRIModel(Model):
         explained = assessment.predicted
         size = self.image_size
         sizes = payload.sizes or [(size, size)] * len(payload)
+        weight = self.bundle.head_weight
         maps = [
-            heatmaps(outputs.maps[i : i + 1], self.bundle.head_weight, explained[i : i + 1], hw)[0]
+            heatmaps(outputs.maps[i : i + 1], weight, explained[i : i + 1], hw)[0]
             for i, hw in enumerate(sizes)
         ]
         return Explanation(payload, assessment, maps, explained)

@@ -210,7 +210,7 @@ def answers(assessment: Assessment, class_names: list[str]) -> list[dict[str, An
     """Each image's answer as plain data (the v1 prediction, less the version)."""
     rows = zip(
         assessment.probabilities.tolist(),
-        assessment.prediction_sets.tolist(),
+        assessment.set_members(class_names),
         assessment.uncertain.tolist(),
         assessment.ood_scores.tolist(),
         assessment.not_brain_mri.tolist(),
@@ -218,7 +218,6 @@ def answers(assessment: Assessment, class_names: list[str]) -> list[dict[str, An
     )
     result = []
     for proba, members, uncertain, score, rejected in rows:
-        members = [c for c, m in zip(class_names, members, strict=True) if m]
         answer: dict[str, Any] = {
             "label": NOT_BRAIN_MRI if rejected else class_names[int(np.argmax(proba))],
             "confidence": None if rejected else max(proba),

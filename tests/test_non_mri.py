@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from brainmri.images import decode_image
-from brainmri.non_mri import KINDS, generate_non_mri_set, main
+from brainmri.non_mri import KINDS, generate_non_mri_set, main, non_mri_batch
 
 pytestmark = pytest.mark.unit
 
@@ -39,3 +39,11 @@ def test_the_command_line_writes_the_set(tmp_path: Path, capsys: pytest.CaptureF
     assert main([str(tmp_path), "--per-kind", "1", "--size", "32"]) == 0
     assert len(list(tmp_path.rglob("*.png"))) == len(KINDS)
     assert "wrote 6 images" in capsys.readouterr().out
+
+
+def test_the_batch_is_the_set_at_a_models_input_size() -> None:
+    from brainmri.images import PreprocessConfig
+
+    images, kinds = non_mri_batch(PreprocessConfig(image_size=40), per_kind=2, seed=3)
+    assert images.shape == (2 * len(KINDS), 3, 40, 40) and images.dtype.is_floating_point is False
+    assert kinds == [kind for kind in KINDS for _ in range(2)]
