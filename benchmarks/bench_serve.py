@@ -46,6 +46,7 @@ import json
 import os
 import platform
 import re
+import signal
 import sys
 import tempfile
 import threading
@@ -60,6 +61,7 @@ import numpy as np
 import torch
 from kserve import InferInput, InferRequest
 
+from benchmarks import serve_profile
 from benchmarks.common import (
     RESULTS_DIR,
     TRAINED_MODEL_DIR,
@@ -240,11 +242,34 @@ def decode_and_forward(
 
 # -- the server --------------------------------------------------------------------------------
 def model_server(
-    model_dir: Path, extra_args: list[str], log_path: Path
+    model_dir: Path, extra_args: list[str], log_path: Path, **options: Any
 ) -> AbstractContextManager[ServerProcess]:
-    """``python -m serving`` on 127.0.0.1 with gRPC off, once ready."""
+    """``python -m serving`` on 127.0.0.1 with gRPC off, once ready (``options``: those of
+    :func:`serve_in_subprocess`)."""
     args = ["--model-name", MODEL_NAME, "--model-dir", str(model_dir), "--enable_grpc", "false"]
-    return serve_in_subprocess([*args, *extra_args], log_path)
+    return serve_in_subprocess([*args, *extra_args], log_path, **options)
+
+
+def profile_server(
+    model_dir: Path, flags: list[str], images: list[bytes], seconds: float, tmp: Path
+) -> dict[str, Any]:
+    """CPU cores per part of the server (all threads' busy samples, then the GIL holder's) while
+    it answers single v1 images at concurrency 8 for ``seconds``, from py-spy."""
+    if serve_profile.py_spy() is None:
+        return {"skipped": "py-spy is not installed (pip install py-spy)"}
+    profile: dict[str, Any] = {"concurrency": TAIL_CONCURRENCY, "seconds": seconds}
+    load = image_load(images, 1)
+    for what, gil in (("cores_busy", False), ("cores_holding_the_gil", True)):
+        raw = tmp / f"profile-{what}.txt"
+        options = {"prefix": serve_profile.record_command(raw, gil), "stop_signal": signal.SIGINT}
+        with model_server(model_dir, flags, tmp / f"profile-{what}.log", **options) as server:
+            started = time.perf_counter()
+            setting = drive(server.port, server.process.pid, load, TAIL_CONCURRENCY, 10**9, seconds)
+            measured = time.perf_counter() - started
+        profile[what] = serve_profile.summarise(raw, measured)
+        profile[f"images_per_s_{what}"] = setting.images_per_s  # under the profiler
+        print(f"profile ({what}): {profile[what]}", flush=True)
+    return profile
 
 
 def server_threads(log_path: Path) -> str:

@@ -11,6 +11,7 @@ test-time flip stay in the shared preprocessing and :class:`~brainmri.model.Mode
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -20,12 +21,14 @@ from torch import nn
 from brainmri.backbones import get_backbone
 from brainmri.cpu import loaded_allocator
 
-RUNTIMES = ("torch", "onnxruntime", "openvino")
+RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-bf16", "openvino-int8")
 # the fastest runtime measured on 2 CPU cores that answers as eager PyTorch does (fp32):
 # EfficientNet-Lite0 at 160 px with flip averaging, images/s at batch 1 / 16: torch 43 / 45,
 # onnxruntime 65 / 185, openvino 144 / 190 (openvino bf16: 206 / 403, 2 of 559 labels differ)
 DEFAULT_RUNTIME = "openvino"
 ONNX_FILE = "model.onnx"
+# the network quantised to INT8 by NNCF (OpenVINO IR: the .xml graph and its .bin weights)
+INT8_FILES = ("model-int8.xml", "model-int8.bin")
 ONNX_OPSET = 18
 OUTPUTS = ("logits", "feature_map")
 
@@ -122,6 +125,8 @@ class OpenVinoRuntime:
     """OpenVINO on the CPU, in fp32 or bf16 (where the CPU computes bf16 natively)."""
 
     def __init__(self, path: Path, threads: int | None = None, precision: str = "f32") -> None:
+        """``path``: the ONNX export, or an OpenVINO IR (``.xml``; the INT8 one is named
+        ``openvino-int8``); ``precision``: f32 or bf16, what the CPU computes in."""
         malloc = loaded_allocator()
         if malloc != "glibc":  # its libraries free memory that this malloc did not give
             raise RuntimeUnavailable(
@@ -136,6 +141,8 @@ class OpenVinoRuntime:
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         self.name = "openvino" if precision == "f32" else f"openvino-{precision}"
+        if Path(path).name == INT8_FILES[0]:
+            self.name = "openvino-int8"
         self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
         self._local = threading.local()  # an infer request per thread: they are not shared
 
@@ -151,14 +158,37 @@ class OpenVinoRuntime:
 def load_runtime(
     name: str, model: nn.Module, backbone: str, directory: Path | None, threads: int | None = None
 ) -> Runtime:
-    """The runtime ``name`` for a bundle's network (``directory`` holds its ``model.onnx``)."""
-    if name not in RUNTIMES and name != "openvino-bf16":
+    """The runtime ``name`` for a bundle's network (``directory`` holds its ``model.onnx``, and
+    ``model-int8.xml`` when training kept a quantised network)."""
+    if name not in RUNTIMES:
         raise ValueError(f"unknown runtime {name!r}; choose one of {RUNTIMES}")
     if name == "torch":
         return TorchRuntime(model, backbone)
-    path = Path(directory or ".") / ONNX_FILE
+    path = Path(directory or ".") / (INT8_FILES[0] if name == "openvino-int8" else ONNX_FILE)
     if not path.is_file():
-        raise RuntimeUnavailable(f"{path} missing: the bundle has no exported network")
+        why = "no quantised network" if name == "openvino-int8" else "no exported network"
+        raise RuntimeUnavailable(f"{path} missing: the bundle has {why}")
     if name == "onnxruntime":
         return OnnxRuntime(path, threads)
     return OpenVinoRuntime(path, threads, "bf16" if name == "openvino-bf16" else "f32")
+
+
+def quantize_int8(
+    onnx_path: Path, calibration: Iterable[torch.Tensor], directory: Path, subset_size: int = 300
+) -> Path:
+    """Quantise the exported network to INT8 with NNCF's post-training quantisation, calibrated
+    on ``calibration`` (preprocessed batches of training images), into ``directory`` as
+    ``model-int8.xml`` and ``.bin``; the path of the ``.xml``."""
+    try:
+        import nncf
+        import openvino
+    except ImportError as err:
+        raise RuntimeUnavailable(f"INT8 needs nncf and openvino ({err})") from err
+    network = openvino.Core().read_model(str(onnx_path))
+    dataset = nncf.Dataset(list(calibration), lambda batch: {"pixels": batch.numpy()})
+    quantized = nncf.quantize(
+        network, dataset, preset=nncf.QuantizationPreset.PERFORMANCE, subset_size=subset_size
+    )
+    path = Path(directory) / INT8_FILES[0]
+    openvino.save_model(quantized, str(path), compress_to_fp16=False)
+    return path

@@ -189,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     threads.add_argument(
         "--runtime",
-        choices=(*RUNTIMES, "openvino-bf16"),
+        choices=RUNTIMES,
         default=DEFAULT_RUNTIME,
         help="What runs the forward pass on the bundle's exported model.onnx: OpenVINO (the "
         "fastest measured on 2 CPU cores that answers as eager PyTorch does: 3.3x its images/s "

@@ -1,10 +1,11 @@
 """The model server as a child process (``python -m serving``), started and awaited in one place
 for ``make run``, the serving benchmark and the tests."""
 
+import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,12 @@ def is_ready(url: str) -> bool:
         return False
 
 
-def stop(process: subprocess.Popen) -> None:
-    """Terminate, then kill if it will not go."""
+def stop(process: subprocess.Popen, stop_signal: int = signal.SIGTERM) -> None:
+    """Send ``stop_signal`` (terminate), then kill if it will not go."""
     if process.poll() is None:
-        process.terminate()
+        process.send_signal(stop_signal)
         try:
-            process.wait(timeout=15)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=5)
@@ -59,11 +60,14 @@ def serve_in_subprocess(
     port: int | None = None,
     env: Mapping[str, str] | None = None,
     timeout_s: float = 120.0,
+    prefix: Sequence[str] = (),
+    stop_signal: int = signal.SIGTERM,
 ) -> Iterator[ServerProcess]:
-    """Run ``python -m serving --http_port PORT *args`` until the block ends."""
+    """Run ``python -m serving --http_port PORT *args`` until the block ends (behind ``prefix``,
+    a command that runs it, such as a profiler, stopped by ``stop_signal``)."""
     port = port or free_ports(1)[0]
     url = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-m", "serving", "--http_port", str(port), *args]
+    command = [*prefix, sys.executable, "-m", "serving", "--http_port", str(port), *args]
     started = time.monotonic()
     with log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -87,4 +91,4 @@ def serve_in_subprocess(
             time.sleep(0.2)
         yield ServerProcess(url, port, process, log_path, time.monotonic() - started)
     finally:
-        stop(process)
+        stop(process, stop_signal)
