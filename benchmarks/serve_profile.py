@@ -28,6 +28,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("event loop", ("asyncio/", "uvloop")),
     ("threads", ("concurrent/futures", "threading.py")),
 )
+SAMPLES_PER_S = 200  # what py-spy records at, and what the counts are divided by
 STARTUP = ("_find_and_load", "BrainMRIModel.load", "load (serving/predictor.py")
 
 
@@ -36,9 +37,9 @@ def py_spy() -> str | None:
     return shutil.which("py-spy")
 
 
-def record_command(output: Path, gil: bool, rate: int = 200) -> list[str]:
+def record_command(output: Path, gil: bool) -> list[str]:
     """The ``py-spy record`` prefix that samples the command after it into ``output`` (raw)."""
-    command = [py_spy() or "py-spy", "record", "--format", "raw", "--rate", str(rate)]
+    command = [py_spy() or "py-spy", "record", "--format", "raw", "--rate", str(SAMPLES_PER_S)]
     command += ["--output", str(output), "--nonblocking"]
     return [*command, "--gil", "--"] if gil else [*command, "--"]
 
@@ -56,7 +57,7 @@ def categorise(stack: str) -> str | None:
     return "other"
 
 
-def summarise(raw: Path, seconds: float, rate: int = 200) -> dict[str, float]:
+def summarise(raw: Path, seconds: float) -> dict[str, float]:
     """CPU cores per category over ``seconds`` of load, from py-spy's raw (collapsed) output."""
     counts: Counter[str] = Counter()
     for line in raw.read_text().splitlines():
@@ -64,5 +65,5 @@ def summarise(raw: Path, seconds: float, rate: int = 200) -> dict[str, float]:
         category = categorise(stack) if stack else None
         if category and count.isdigit():
             counts[category] += int(count)
-    cores = {name: n / rate / seconds for name, n in counts.most_common()}
+    cores = {name: n / SAMPLES_PER_S / seconds for name, n in counts.most_common()}
     return {name: round(value, 3) for name, value in cores.items() if value >= 0.0005}
