@@ -469,6 +469,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=list(VARIANTS),
         help="the servers to measure, one after another",
     )
+    parser.add_argument(
+        "--profile-seconds",
+        type=float,
+        default=20.0,
+        help="py-spy profile of the last variant at concurrency 8 for this long (0: none)",
+    )
     parser.add_argument("--output", type=Path, default=RESULT_PATH)
     return parser.parse_args(argv)
 
@@ -549,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
                 cold_starts[variant] = round(server.startup_s, 2)
                 settings += drive_server(server, bundle, images, args, variant)
             threads[variant] = server_threads(server_log)
+        profile: dict[str, Any] = {}
+        if args.profile_seconds > 0:
+            variant = args.variants[-1]
+            flags = [*VARIANTS[variant], *server_args]
+            profile = {"variant": variant}
+            profile |= profile_server(model_dir, flags, images, args.profile_seconds, Path(tmp))
         for rt in runtimes:
             measure_raw(bundles[rt], raw_best[rt], raw_rows[rt], "after", args.images_per_setting)
             for batch_size, row in raw_rows[rt].items():
@@ -585,6 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         "raw_forward": {rt: list(rows.values()) for rt, rows in raw_rows.items()},
         "server": [asdict(s) for s in settings],
         "goals": goals(raw_best, settings, cold_starts),
+        "profile": profile,
     }
     write_json(result, args.output)
     print_summary(result)

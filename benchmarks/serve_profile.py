@@ -11,6 +11,7 @@ of the time one Python thread at a time was the limit).
 from __future__ import annotations
 
 import shutil
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -33,8 +34,9 @@ STARTUP = ("_find_and_load", "BrainMRIModel.load", "load (serving/predictor.py")
 
 
 def py_spy() -> str | None:
-    """The py-spy executable, or None where it is not installed."""
-    return shutil.which("py-spy")
+    """The py-spy executable (this environment's first), or None where it is not installed."""
+    beside = Path(sys.executable).parent / "py-spy"
+    return str(beside) if beside.is_file() else shutil.which("py-spy")
 
 
 def record_command(output: Path, gil: bool) -> list[str]:

@@ -14,7 +14,14 @@ def test_bench_serve_smoke(tmp_path: Path) -> None:
     assert bench_serve.main(["--model-dir", str(tmp_path / "none")]) == 2  # no trained model
     out = tmp_path / "serve.json"
     argv = ["--stand-in", "--image-size", "32", "--concurrency", "1", "2", "--batch-sizes", "1"]
-    argv += ["--images-per-setting", "16", "--max-seconds-per-setting", "5"]
+    argv += [
+        "--images-per-setting",
+        "16",
+        "--max-seconds-per-setting",
+        "5",
+        "--profile-seconds",
+        "3",
+    ]
     assert bench_serve.main([*argv, "--output", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["model"]["source"].startswith("stand-in")
@@ -25,3 +32,7 @@ def test_bench_serve_smoke(tmp_path: Path) -> None:
     assert {s["variant"] for s in result["server"]} == set(bench_serve.VARIANTS)
     assert set(result["goals"]["cold_start_s"]) == set(bench_serve.VARIANTS)
     assert result["goals"]["over_eager_server"] > 0 and result["goals"]["no_errors"]
+    profile = result["profile"]
+    assert profile["variant"] == list(bench_serve.VARIANTS)[-1]
+    if "skipped" not in profile:  # py-spy can sample the server here
+        assert profile["cores_busy"] and profile["images_per_s_cores_busy"] > 0
