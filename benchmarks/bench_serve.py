@@ -14,9 +14,10 @@ forward (>= 0.8x), p99 with p50 at concurrency 1 and 8 (<= 2x), and cold start (
 
 1. Measures, in this process and before the server starts, the raw batched forward throughput
    of the same model (``ModelBundle.predict_proba`` on preprocessed tensors, the server's own
-   forward call) at each batch size, with 1 and with all CPU threads, and again after the
-   server has run (the best of these is the reference), and for information decode +
-   preprocess + forward in one thread.
+   forward call, its runtime given a stream per CPU thread as the server's is) at each batch
+   size, from one thread on one and on all CPU threads and from a thread per CPU thread at once,
+   and again after the server has run (the best of these is the reference), and for
+   information decode + preprocess + forward in one thread.
 2. Starts ``python -m serving`` on the model as a subprocess on 127.0.0.1 and drives
    ``POST /v1/models/<name>:predict`` with real encoded MRI slices (``../shared/data``, else
    synthetic 512 px JPEGs): for each batch size and concurrency a fixed number of images, sent
@@ -51,6 +52,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -191,21 +193,39 @@ def make_bundle(directory: Path, image_size: int) -> Path:
 
 
 # -- in-process references ---------------------------------------------------------------------
-def raw_forward(bundle: ModelBundle, batch_size: int, images: int, max_s: float) -> float:
-    """Images/s of ``bundle.predict_proba`` on a ready preprocessed batch (no decoding): the
-    median of three runs of up to ``images`` images or ``max_s / 3`` seconds each."""
+def raw_forward(
+    bundle: ModelBundle, batch_size: int, images: int, max_s: float, callers: int = 1
+) -> float:
+    """Images/s of ``bundle.predict_proba`` on a ready preprocessed batch (no decoding), called
+    from ``callers`` threads at once: the median of three runs of up to ``images`` images or
+    ``max_s / 3`` seconds each."""
     size = bundle.preprocess.image_size
     batch = torch.randn(batch_size, 3, size, size)
-    for _ in range(3):
-        bundle.predict_proba(batch)
-    rates = []
-    for _ in range(3):
-        done, started = 0, time.perf_counter()
-        while done < images and time.perf_counter() - started < max_s / 3:
+
+    def forward_until(deadline: float, budget: int) -> int:
+        done = 0
+        while done < budget and time.perf_counter() < deadline:
             bundle.predict_proba(batch)
             done += batch_size
-        rates.append(done / (time.perf_counter() - started))
+        return done
+
+    rates = []
+    with ThreadPoolExecutor(callers) as pool:
+        warm_up = time.perf_counter() + 60
+        list(pool.map(forward_until, [warm_up] * callers, [3 * batch_size] * callers))
+        for _ in range(3):
+            started = time.perf_counter()
+            deadlines = [started + max_s / 3] * callers
+            done = sum(pool.map(forward_until, deadlines, [images // callers] * callers))
+            rates.append(done / (time.perf_counter() - started))
     return float(np.median(rates))
+
+
+def raw_settings() -> list[tuple[int, int]]:
+    """(threads calling at once, torch threads) of the raw forward: one caller on one and on
+    every CPU thread, and one caller per CPU thread, as the server's forward workers run."""
+    budget = cpu_budget()
+    return sorted({(1, 1), (1, budget), (budget, 1)})
 
 
 def measure_raw(
@@ -215,14 +235,15 @@ def measure_raw(
     when: str,
     images: int,
 ) -> None:
-    """Raw forward at each batch size with 1 and with all CPU threads; ``best`` keeps the
-    highest rate per batch size, so noise from other work on the machine cannot make the
-    reference look slow (it is measured before and after the server runs)."""
+    """Raw forward at each batch size in each of :func:`raw_settings` (the bundle's runtime was
+    loaded with a stream per CPU thread); ``best`` keeps the highest rate per batch size, so
+    noise from other work on the machine cannot make the reference look slow (it is measured
+    before and after the server runs)."""
     for batch_size, row in rows.items():
-        for threads in sorted({1, cpu_budget()}):
+        for callers, threads in raw_settings():
             torch.set_num_threads(threads)
-            rate = raw_forward(bundle, batch_size, images * 2, 6.0)
-            row[f"images_per_s_{threads}_threads_{when}"] = round(rate, 1)
+            rate = raw_forward(bundle, batch_size, images * 2, 6.0, callers)
+            row[f"images_per_s_{callers}_callers_{threads}_threads_{when}"] = round(rate, 1)
             best[batch_size] = max(best.get(batch_size, 0.0), rate)
         print(f"raw forward {when}, batch {batch_size}: {row}", flush=True)
 
@@ -415,7 +436,7 @@ def goals(
 
 
 def print_summary(result: dict[str, Any]) -> None:
-    print("\nraw forward (best of 1 and all CPU threads, before and after the servers):")
+    print("\nraw forward (best of one caller and of one per CPU thread, before and after):")
     for runtime, rows in result["raw_forward"].items():
         print(
             f"  {runtime}: "
@@ -541,7 +562,11 @@ def main(argv: list[str] | None = None) -> int:
             original = make_bundle(Path(tmp) / "stand-in", args.image_size)
         model_dir = exported_copy(original, Path(tmp) / "model")
         runtimes = sorted({VARIANT_RUNTIME[v] for v in args.variants})
-        bundles = {rt: ModelBundle.load(model_dir, "cpu", runtime=rt) for rt in runtimes}
+        budget = cpu_budget()  # a stream per CPU thread, one thread each, as the server runs it
+        bundles = {
+            rt: ModelBundle.load(model_dir, "cpu", runtime=rt, threads=1, streams=budget)
+            for rt in runtimes
+        }
         bundle = bundles["torch"] if "torch" in bundles else next(iter(bundles.values()))
         raw_best: dict[str, dict[int, float]] = {rt: {} for rt in runtimes}
         raw_rows = {rt: {b: {"batch_size": b} for b in args.batch_sizes} for rt in runtimes}

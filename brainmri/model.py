@@ -28,6 +28,7 @@ from brainmri.backbones import PretrainedWeightsUnavailable, get_backbone
 from brainmri.cpu import cpu_budget
 from brainmri.images import PreprocessConfig
 from brainmri.runtimes import (
+    INT8_FILES,
     ONNX_FILE,
     Runtime,
     RuntimeUnavailable,
@@ -162,9 +163,11 @@ class ModelBundle:
         device: torch.device | str = "cpu",
         runtime: str = "torch",
         threads: int | None = None,
+        streams: int = 1,
     ) -> ModelBundle:
-        """The bundle in ``directory`` on ``device``, its forward pass run by ``runtime``
-        (eager PyTorch when the bundle has no exported network for it: a warning says so)."""
+        """The bundle in ``directory`` on ``device``, its forward pass run by ``runtime`` for
+        ``streams`` concurrent callers of ``threads`` threads each (eager PyTorch when the bundle
+        has no exported network for it: a warning says so)."""
         directory = Path(directory)
         description = _read_description(directory)
         ModelBundle.verify(directory)
@@ -183,7 +186,9 @@ class ModelBundle:
         )
         if runtime != "torch":
             try:
-                bundle.runtime = load_runtime(runtime, model, bundle.backbone, directory, threads)
+                bundle.runtime = load_runtime(
+                    runtime, model, bundle.backbone, directory, threads, streams
+                )
             except RuntimeUnavailable as err:
                 warnings.warn(f"{err}; serving with eager PyTorch instead", stacklevel=2)
         return bundle
@@ -273,7 +278,7 @@ def _read_description(directory: Path) -> dict[str, Any]:
 def _write_description(directory: Path, description: dict[str, Any]) -> None:
     """Write ``model.json``, then the checksums of the bundle (last: they complete it)."""
     (directory / METADATA_FILE).write_text(json.dumps(description, indent=2))
-    optional = [name for name in (TRUST_FILE, ONNX_FILE) if (directory / name).is_file()]
+    optional = [n for n in (TRUST_FILE, ONNX_FILE, *INT8_FILES) if (directory / n).is_file()]
     names = [WEIGHTS_FILE, METADATA_FILE, *optional]
     checksums = {name: _sha256(directory / name) for name in names}
     (directory / CHECKSUMS_FILE).write_text(json.dumps(checksums, indent=2))
@@ -291,8 +296,9 @@ def load_bundle(
     store: ObjectStore | None = None,
     runtime: str = "torch",
     threads: int | None = None,
+    streams: int = 1,
 ) -> ModelBundle:
     """The bundle at a local folder or ``s3://bucket/prefix`` (downloaded, then loaded), on
-    ``device`` (default: CUDA when present), run by ``runtime``."""
+    ``device`` (default: CUDA when present), run by ``runtime`` (see :meth:`ModelBundle.load`)."""
     with local_copy(location, store) as directory:
-        return ModelBundle.load(directory, device or pick_device(), runtime, threads)
+        return ModelBundle.load(directory, device or pick_device(), runtime, threads, streams)

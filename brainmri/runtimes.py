@@ -122,11 +122,16 @@ class OnnxRuntime:
 
 
 class OpenVinoRuntime:
-    """OpenVINO on the CPU, in fp32 or bf16 (where the CPU computes bf16 natively)."""
+    """OpenVINO on the CPU, in fp32 or bf16 (where the CPU computes bf16 natively), or its INT8
+    network; ``streams`` forward passes run at once (one per calling thread), each on
+    ``threads`` threads."""
 
-    def __init__(self, path: Path, threads: int | None = None, precision: str = "f32") -> None:
-        """``path``: the ONNX export, or an OpenVINO IR (``.xml``; the INT8 one is named
-        ``openvino-int8``); ``precision``: f32 or bf16, what the CPU computes in."""
+    PRECISIONS = {"openvino": "f32", "openvino-bf16": "bf16", "openvino-int8": "f32"}
+
+    def __init__(
+        self, path: Path, name: str = "openvino", threads: int | None = None, streams: int = 1
+    ) -> None:
+        """``path``: the ONNX export, or the OpenVINO IR (``.xml``) of ``openvino-int8``."""
         malloc = loaded_allocator()
         if malloc != "glibc":  # its libraries free memory that this malloc did not give
             raise RuntimeUnavailable(
@@ -137,12 +142,14 @@ class OpenVinoRuntime:
             import openvino
         except ImportError as err:
             raise RuntimeUnavailable(f"openvino is not installed ({err})") from err
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision}
+        # one stream serialises its callers: as many streams as threads calling at once
+        config: dict[str, Any] = {
+            "INFERENCE_PRECISION_HINT": self.PRECISIONS[name],
+            "NUM_STREAMS": max(1, streams),
+        }
         if threads:
-            config["INFERENCE_NUM_THREADS"] = threads
-        self.name = "openvino" if precision == "f32" else f"openvino-{precision}"
-        if Path(path).name == INT8_FILES[0]:
-            self.name = "openvino-int8"
+            config["INFERENCE_NUM_THREADS"] = threads * max(1, streams)
+        self.name = name
         self.compiled = openvino.Core().compile_model(str(path), "CPU", config)
         self._local = threading.local()  # an infer request per thread: they are not shared
 
@@ -156,10 +163,16 @@ class OpenVinoRuntime:
 
 
 def load_runtime(
-    name: str, model: nn.Module, backbone: str, directory: Path | None, threads: int | None = None
+    name: str,
+    model: nn.Module,
+    backbone: str,
+    directory: Path | None,
+    threads: int | None = None,
+    streams: int = 1,
 ) -> Runtime:
     """The runtime ``name`` for a bundle's network (``directory`` holds its ``model.onnx``, and
-    ``model-int8.xml`` when training kept a quantised network)."""
+    ``model-int8.xml`` when training kept a quantised network), for ``streams`` threads calling
+    it at once on ``threads`` threads each."""
     if name not in RUNTIMES:
         raise ValueError(f"unknown runtime {name!r}; choose one of {RUNTIMES}")
     if name == "torch":
@@ -170,7 +183,7 @@ def load_runtime(
         raise RuntimeUnavailable(f"{path} missing: the bundle has {why}")
     if name == "onnxruntime":
         return OnnxRuntime(path, threads)
-    return OpenVinoRuntime(path, threads, "bf16" if name == "openvino-bf16" else "f32")
+    return OpenVinoRuntime(path, name, threads, streams)
 
 
 def quantize_int8(

@@ -1,6 +1,11 @@
 """Request batching in the server's process: the images of concurrent requests run as one forward
 pass, up to ``max_images`` of them or once the oldest has waited ``max_latency_s``.
 
+A batch is formed only when one of the ``workers`` forward passes is free, as Triton's dynamic
+batcher does: while every worker is busy, arriving images wait and the next free worker takes
+all of them at once (up to ``max_images``), so batches grow with the load instead of queueing
+behind each other in small pieces.
+
 KServe's batcher sidecar (``spec.predictor.batcher`` in an InferenceService) does the same in
 front of the pod; this one needs no sidecar, sees the images rather than the requests, and stays
 behind the server's admission limits (:mod:`serving.limits`), which bound what can queue here.
@@ -30,11 +35,13 @@ def split_assessment(assessment: Assessment, sizes: list[int]) -> list[Assessmen
 class _Waiting:
     pixels: torch.Tensor
     answer: asyncio.Future[Assessment]
+    since: float  # the event loop's clock when it arrived
 
 
 class Batcher:
     """Runs ``assess`` (preprocessed pixels -> :class:`Assessment`) on ``executor`` for the
-    images of every request submitted within a window, at most ``max_images`` at once."""
+    images of every request submitted within a window, at most ``max_images`` at once and at most
+    ``workers`` passes at a time (the executor's threads)."""
 
     def __init__(
         self,
@@ -42,32 +49,43 @@ class Batcher:
         executor: Executor,
         max_images: int,
         max_latency_s: float,
+        workers: int = 1,
     ) -> None:
-        if max_images < 1 or max_latency_s <= 0:
-            raise ValueError("a batcher needs max_images >= 1 and max_latency_s > 0")
+        if max_images < 1 or max_latency_s <= 0 or workers < 1:
+            raise ValueError("a batcher needs max_images >= 1, max_latency_s > 0 and workers >= 1")
         self.assess, self.executor = assess, executor
         self.max_images, self.max_latency_s = max_images, max_latency_s
+        self._idle = workers
         self._waiting: list[_Waiting] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._running: set[asyncio.Future[None]] = set()  # the loop holds tasks only weakly
         self.batches_run = 0  # forward passes started (for tests and metrics)
 
     async def submit(self, pixels: torch.Tensor) -> Assessment:
         """The assessment of ``pixels``, computed in a batch with whatever else is waiting."""
         loop = asyncio.get_running_loop()
-        waiting = _Waiting(pixels, loop.create_future())
+        waiting = _Waiting(pixels, loop.create_future(), loop.time())
         self._waiting.append(waiting)
-        if sum(len(w.pixels) for w in self._waiting) >= self.max_images:
-            self._flush()
-        elif self._timer is None:
-            self._timer = loop.call_later(self.max_latency_s, self._flush)
+        self._dispatch()
         return await waiting.answer
 
-    def _flush(self) -> None:
-        """Start one forward pass for the waiting requests that fit in ``max_images`` (the
-        first always does); the rest wait for the next window."""
+    def _dispatch(self) -> None:
+        """Start a pass on a free worker for what is waiting once it fills a batch or its oldest
+        has waited ``max_latency_s``; else look again when that time comes."""
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        loop = asyncio.get_running_loop()
+        while self._idle and self._waiting:
+            images = sum(len(w.pixels) for w in self._waiting)
+            wait = self._waiting[0].since + self.max_latency_s - loop.time()
+            if images < self.max_images and wait > 0:
+                self._timer = loop.call_later(wait, self._dispatch)
+                return
+            self._start(self._take())
+
+    def _take(self) -> list[_Waiting]:
+        """The waiting requests that fit in ``max_images``, oldest first (the first always)."""
         batch, images = [], 0
         while self._waiting and (
             not batch or images + len(self._waiting[0].pixels) <= self.max_images
@@ -75,11 +93,19 @@ class Batcher:
             waiting = self._waiting.pop(0)
             batch.append(waiting)
             images += len(waiting.pixels)
-        if self._waiting:
-            self._timer = asyncio.get_running_loop().call_later(self.max_latency_s, self._flush)
-        if batch:
-            self.batches_run += 1
-            asyncio.ensure_future(self._run(batch))
+        return batch
+
+    def _start(self, batch: list[_Waiting]) -> None:
+        self._idle -= 1
+        self.batches_run += 1
+        task = asyncio.ensure_future(self._run(batch))
+        self._running.add(task)
+        task.add_done_callback(self._finished)
+
+    def _finished(self, task: asyncio.Future[None]) -> None:
+        self._running.discard(task)
+        self._idle += 1
+        self._dispatch()
 
     async def _run(self, batch: list[_Waiting]) -> None:
         loop = asyncio.get_running_loop()

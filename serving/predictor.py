@@ -102,7 +102,8 @@ class BrainMRIModel(Model):
     the pixels of one image before it is decoded. ``decode_workers`` threads decode and
     preprocess images (default: the process's CPU budget); ``forward_workers`` forward passes
     may run at once (default 1; ``python -m serving`` picks it for the device), each run by
-    ``runtime`` (:mod:`brainmri.runtimes`) on ``runtime_threads`` threads. With
+    ``runtime`` (:mod:`brainmri.runtimes`, given a stream per forward worker so that they run in
+    parallel) on ``runtime_threads`` threads. With
     ``max_batch_latency_ms`` above 0, the images of concurrent requests share forward passes
     (:class:`~serving.batching.Batcher`: up to ``max_batch_size`` images, or that long).
     """
@@ -162,7 +163,11 @@ class BrainMRIModel(Model):
         started = time.perf_counter()
         device = torch.device(self._device) if self._device is not None else None
         bundle = load_bundle(
-            self.storage_uri, device, runtime=self.runtime, threads=self.runtime_threads
+            self.storage_uri,
+            device,
+            runtime=self.runtime,
+            threads=self.runtime_threads,
+            streams=self.forward_workers,
         )
         self._warm_up(bundle)
         self.bundle = bundle
@@ -287,6 +292,7 @@ class BrainMRIModel(Model):
                     forward_pool,
                     self.limits.max_batch_size,
                     self.max_batch_latency_ms / 1000,
+                    self.forward_workers,
                 )
             return Prediction(payload, await self._batcher.submit(payload.pixels))
         loop = asyncio.get_running_loop()

@@ -1,11 +1,13 @@
 """Request batching: concurrent requests share one forward pass, each gets its own answer, a full
-batch goes at once, leftovers wait for the next window, and an error reaches every request."""
+batch goes at once, leftovers wait for the next window, requests arriving while every worker is
+busy share the next pass, and an error reaches every request."""
 
 from __future__ import annotations
 
 import asyncio
 import base64
 import io
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -53,6 +55,29 @@ def test_a_full_batch_goes_at_once_and_the_rest_waits_for_the_next() -> None:
         )
 
     assert len(asyncio.run(send())) == 4 and batcher.batches_run == 2  # no 5 s wait
+
+
+def test_while_every_worker_is_busy_arrivals_gather_into_the_next_pass() -> None:
+    release, sizes = threading.Event(), []
+
+    def slow(pixels: torch.Tensor) -> Assessment:
+        sizes.append(len(pixels))
+        release.wait(5.0)
+        return assess(pixels)
+
+    batcher = Batcher(slow, ThreadPoolExecutor(1), max_images=32, max_latency_s=0.001, workers=1)
+
+    async def send() -> list[Assessment]:
+        first = asyncio.ensure_future(batcher.submit(torch.ones(1, 3, 4, 4)))
+        while not sizes:  # the only worker is now busy with the first request
+            await asyncio.sleep(0.001)
+        later = [asyncio.ensure_future(batcher.submit(torch.ones(1, 3, 4, 4))) for _ in range(3)]
+        await asyncio.sleep(0.05)  # far past the latency window: still no free worker
+        release.set()
+        return await asyncio.gather(first, *later)
+
+    assert len(asyncio.run(send())) == 4
+    assert sizes == [1, 3]  # the three that came while it was busy shared the next pass
 
 
 def test_an_error_in_the_pass_reaches_every_request_of_the_batch() -> None:

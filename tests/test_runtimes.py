@@ -83,6 +83,21 @@ def test_runtimes_are_chosen_by_name(exported: Path) -> None:
     assert parser.parse_args(["--model_dir", "/m", "--runtime", "torch"]).runtime == "torch"
 
 
+def test_openvino_runs_a_stream_per_concurrent_caller(exported: Path) -> None:
+    """One OpenVINO stream serialises its callers: the server's forward workers each get one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    bundle = ModelBundle.load(exported, runtime="openvino", threads=1, streams=2)
+    compiled = bundle.runtime.compiled
+    assert compiled.get_property("NUM_STREAMS") == 2
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 2  # one thread per stream
+    batches = [torch.randn(3, 3, 48, 48) for _ in range(8)]
+    alone = [bundle.predict_proba(b) for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(bundle.predict_proba, batches))
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(alone, together, strict=True))
+
+
 @pytest.mark.integration
 def test_openvino_is_refused_not_crashed_under_a_preloaded_tcmalloc(exported: Path) -> None:
     """OpenVINO aborts the process under LD_PRELOAD=tcmalloc: the bundle falls back instead."""
