@@ -1,16 +1,18 @@
 """Does a runtime answer as eager PyTorch does? The same bundle on two runtimes over the same
 labelled images: how often their labels agree, how far their probabilities are apart, and the
 paired counts of their right and wrong answers (McNemar), which decide whether a quantised
-network may be served."""
+network may be served; and :func:`quantise_bundle`, which adds that network to a bundle."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from brainmri.model import ModelBundle
+from brainmri.runtimes import ONNX_FILE, quantize_int8
 from components.statistics import PairedComparison, compare_paired
 
 # the issue's bars: fp32 runtimes agree on >= 99.9 % of labels within 1e-3 in probability; a
@@ -93,3 +95,23 @@ def compare_runtimes(
         labels,
         (reference.runtime_name, candidate.runtime_name),
     )
+
+
+def quantise_bundle(
+    directory: Path, images: torch.Tensor, batch_size: int = 16, subset_size: int = 300
+) -> Path:
+    """Add to the bundle in ``directory`` its exported network quantised to INT8 (NNCF,
+    calibrated on ``images``: cached uint8 training images, normalised, with their mirror
+    images when the bundle averages flips, as the runtime will see them), covered by the bundle's
+    checksums; the path of its ``.xml``. Serve it only if :func:`compare_runtimes` on held-out
+    images finds :attr:`RuntimeAgreement.quantisation_acceptable`."""
+    directory = Path(directory)
+    bundle = ModelBundle.load(directory)
+    normalize = bundle.preprocess.normalize()
+    batches = []
+    for start in range(0, len(images), batch_size):
+        batch = normalize(images[start : start + batch_size])
+        batches.append(torch.cat([batch, batch.flip(-1)]) if bundle.test_time_flip else batch)
+    path = quantize_int8(directory / ONNX_FILE, batches, directory, subset_size)
+    ModelBundle.update_metadata(directory)  # rewrites the checksums, now over the INT8 files
+    return path
