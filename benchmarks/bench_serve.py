@@ -24,9 +24,14 @@ forward (>= 0.8x), p99 with p50 at concurrency 1 and 8 (<= 2x), and cold start (
    by that many threads over keep-alive connections, each setting capped in time as well.
    Then, for reference, ``/v2/models/<name>/infer`` with the same images already preprocessed
    (FP32 tensors in the binary extension), largest batch, concurrency 8.
-3. Reports p50/p95/p99 latency and images/s per setting, checks the goals (server throughput
-   at least 0.8x raw forward at the best batch size; p99 at most 2x p50 at concurrency 8) and
-   writes ``benchmarks/results/serve.json``.
+3. Profiles the last variant with py-spy at concurrency 8 (CPU cores per part of the server;
+   what the runtime's native threads use is the server's CPU no Python thread accounts for).
+4. Compares each runtime with eager PyTorch on the held-out test split of ``--data`` (split as
+   bench-accuracy splits it), after quantising the network to INT8 on training images: label
+   agreement, largest probability difference, paired counts with McNemar's p, and whether it
+   may be served (fp32: equivalent; bf16 and INT8: at most 0.1 point of accuracy lost).
+5. Reports p50/p95/p99 latency and images/s per setting, checks the goals and writes
+   ``benchmarks/results/serve.json``.
 
 The model is what users serve: by default the EfficientNet-Lite0 that ``make bench-accuracy``
 trained (seed 0 of the default recipe, in ``local_outputs/bench/trained-model``), with its
@@ -64,8 +69,10 @@ import torch
 from kserve import InferInput, InferRequest
 
 from benchmarks import serve_profile
+from benchmarks.bench_accuracy import prepare_default_split
 from benchmarks.common import (
     RESULTS_DIR,
+    SHARED_TRAINING,
     TRAINED_MODEL_DIR,
     cpu_seconds,
     load_images,
@@ -73,8 +80,10 @@ from benchmarks.common import (
 )
 from brainmri import CLASS_NAMES
 from brainmri.cpu import cpu_budget
+from brainmri.dataset import load_image_set
 from brainmri.images import PreprocessConfig, decode_image
 from brainmri.model import ModelBundle, build_model
+from components.runtime_check import compare_runtimes, quantise_bundle
 from serving.process import ServerProcess, serve_in_subprocess
 
 RESULT_PATH = RESULTS_DIR / "serve.json"
@@ -91,8 +100,19 @@ EAGER_VARIANT = "eager"
 VARIANTS = {
     EAGER_VARIANT: ["--runtime", "torch"],
     "openvino": ["--runtime", "openvino"],
-    "openvino + batching": ["--runtime", "openvino", "--max_batch_latency_ms", "5"],
+    "openvino + batching": ["--runtime", "openvino", "--max_batch_latency_ms", "2"],
 }
+# the server's CPU (from /proc) that no Python thread's samples account for
+NATIVE_THREADS = "runtime's native threads (server CPU not in Python threads)"
+# the runtimes compared with eager PyTorch on the held-out split; fp32 ones must be equivalent,
+# reduced-precision ones may cost at most QUANTISED_ACCURACY_LOSS of paired accuracy
+EQUIVALENCE_RUNTIMES = {
+    "onnxruntime": "fp32",
+    "openvino": "fp32",
+    "openvino-bf16": "reduced",
+    "openvino-int8": "reduced",
+}
+INT8_CALIBRATION_IMAGES = 300
 VARIANT_RUNTIME = {"eager": "torch", "openvino": "openvino", "openvino + batching": "openvino"}
 
 
@@ -288,9 +308,42 @@ def profile_server(
             setting = drive(server.port, server.process.pid, load, TAIL_CONCURRENCY, 10**9, seconds)
             measured = time.perf_counter() - started
         profile[what] = serve_profile.summarise(raw, measured)
+        if not gil:  # a runtime's own native threads run no Python: py-spy cannot see them
+            unseen = setting.server_cores - sum(profile[what].values())
+            profile[what][NATIVE_THREADS] = round(max(0.0, unseen), 3)
         profile[f"images_per_s_{what}"] = setting.images_per_s  # under the profiler
         print(f"profile ({what}): {profile[what]}", flush=True)
     return profile
+
+
+def runtime_equivalence(model_dir: Path, data: Path, work: Path) -> dict[str, Any]:
+    """Each runtime against eager PyTorch on the held-out test split of the real data, split as
+    bench-accuracy splits it (grouped), after adding to ``model_dir`` the INT8 network calibrated
+    on training images: label agreement, probability difference, paired counts (McNemar), its raw
+    batch-1 forward, and whether it may be served."""
+    _, dataset, split = prepare_default_split(data, work)
+    eager = ModelBundle.load(model_dir, "cpu")
+    train = split[split["split"] == "train"]
+    train = train.sample(min(INT8_CALIBRATION_IMAGES, len(train)), random_state=0)
+    names = list(CLASS_NAMES)
+    calibration = load_image_set(dataset, train, names, eager.preprocess, desc="calibration")
+    test_rows = split[split["split"] == "test"]
+    test = load_image_set(dataset, test_rows, names, eager.preprocess, desc="test")
+    quantise_bundle(model_dir, calibration.images)
+    torch.set_num_threads(1)
+    rows: dict[str, Any] = {"images": len(test), "eager_errors": None}
+    for runtime, kind in EQUIVALENCE_RUNTIMES.items():
+        candidate = ModelBundle.load(model_dir, "cpu", runtime=runtime, threads=1)
+        agreement = compare_runtimes(eager, candidate, test.images, test.labels)
+        rows["eager_errors"] = agreement.paired.first_errors
+        kept = agreement.equivalent if kind == "fp32" else agreement.quantisation_acceptable
+        rows[runtime] = agreement.to_dict() | {
+            "precision": kind,
+            "may_be_served": kept,
+            "raw_images_per_s_batch_1": round(raw_forward(candidate, 1, 400, 6.0), 1),
+        }
+        print(f"equivalence {runtime}: {rows[runtime]}", flush=True)
+    return rows
 
 
 def server_threads(log_path: Path) -> str:
@@ -453,6 +506,20 @@ def print_summary(result: dict[str, Any]) -> None:
             f"{s['images_per_s']:>9.1f} {s['p50_ms']:>8.1f} {s['p99_ms']:>8.1f} {s['errors']:>7} "
             f"{s['shed']:>5}  {s['server_cores']:>5.2f} / {s['client_cores']:.2f}"
         )
+    equivalence = result["equivalence_on_the_held_out_split"]
+    if "skipped" not in equivalence:
+        print(f"\nagainst eager PyTorch on the held-out split ({equivalence['images']} images):")
+        for runtime in EQUIVALENCE_RUNTIMES:
+            row = equivalence[runtime]
+            paired = row["paired"]
+            print(
+                f"  {runtime:14} labels agree {100 * row['label_agreement']:.2f} %, "
+                f"max |dp| {row['max_probability_difference']:.2g}, accuracy "
+                f"{-row['accuracy_loss_points']:+.2f} pt (eager only right "
+                f"{paired['only_first_right']}, it only {paired['only_second_right']}, McNemar "
+                f"p {paired['mcnemar_p']}), raw batch 1 {row['raw_images_per_s_batch_1']} img/s, "
+                f"may be served: {row['may_be_served']}"
+            )
     print(f"\ngoals: {json.dumps(result['goals'])}")
 
 
@@ -495,6 +562,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=20.0,
         help="py-spy profile of the last variant at concurrency 8 for this long (0: none)",
+    )
+    parser.add_argument(
+        "--data", type=Path, default=SHARED_TRAINING, help="real data for the equivalence check"
+    )
+    parser.add_argument(
+        "--no-equivalence",
+        dest="equivalence",
+        action="store_false",
+        help="skip comparing each runtime with eager PyTorch on the held-out split",
     )
     parser.add_argument("--output", type=Path, default=RESULT_PATH)
     return parser.parse_args(argv)
@@ -580,6 +656,11 @@ def main(argv: list[str] | None = None) -> int:
                 cold_starts[variant] = round(server.startup_s, 2)
                 settings += drive_server(server, bundle, images, args, variant)
             threads[variant] = server_threads(server_log)
+        equivalence: dict[str, Any] = {"skipped": "--no-equivalence"}
+        if args.equivalence and not args.data.is_dir():
+            equivalence = {"skipped": f"{args.data} missing: no held-out split to compare on"}
+        elif args.equivalence:
+            equivalence = runtime_equivalence(model_dir, args.data, Path(tmp) / "data")
         profile: dict[str, Any] = {}
         if args.profile_seconds > 0:
             variant = args.variants[-1]
@@ -623,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
         "server": [asdict(s) for s in settings],
         "goals": goals(raw_best, settings, cold_starts),
         "profile": profile,
+        "equivalence_on_the_held_out_split": equivalence,
     }
     write_json(result, args.output)
     print_summary(result)

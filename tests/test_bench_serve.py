@@ -1,5 +1,6 @@
 """``make bench-serve`` end to end, small: raw forward, the real server driven over v1 and v2,
-every figure and goal written (a stand-in model: a smoke run, not the served figure)."""
+every figure and goal written, each runtime compared with eager PyTorch on a held-out split (a
+stand-in model and the demo images: a smoke run, not the served figure)."""
 
 import json
 from pathlib import Path
@@ -10,7 +11,7 @@ from benchmarks import bench_serve
 
 
 @pytest.mark.integration
-def test_bench_serve_smoke(tmp_path: Path) -> None:
+def test_bench_serve_smoke(tmp_path: Path, demo_dir: Path) -> None:
     assert bench_serve.main(["--model-dir", str(tmp_path / "none")]) == 2  # no trained model
     out = tmp_path / "serve.json"
     argv = ["--stand-in", "--image-size", "32", "--concurrency", "1", "2", "--batch-sizes", "1"]
@@ -21,6 +22,8 @@ def test_bench_serve_smoke(tmp_path: Path) -> None:
         "5",
         "--profile-seconds",
         "3",
+        "--data",
+        str(demo_dir),
     ]
     assert bench_serve.main([*argv, "--output", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -36,3 +39,7 @@ def test_bench_serve_smoke(tmp_path: Path) -> None:
     assert profile["variant"] == list(bench_serve.VARIANTS)[-1]
     if "skipped" not in profile:  # py-spy can sample the server here
         assert profile["cores_busy"] and profile["images_per_s_cores_busy"] > 0
+    equivalence = result["equivalence_on_the_held_out_split"]
+    assert set(bench_serve.EQUIVALENCE_RUNTIMES) <= set(equivalence) and equivalence["images"] > 0
+    assert equivalence["openvino"]["max_probability_difference"] <= 1e-3
+    assert "mcnemar_p" in equivalence["openvino-int8"]["paired"]
