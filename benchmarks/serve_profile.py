@@ -31,6 +31,9 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 SAMPLES_PER_S = 200  # what py-spy records at, and what the counts are divided by
 STARTUP = ("_find_and_load", "BrainMRIModel.load", "load (serving/predictor.py")
+# innermost frames that wait rather than compute (py-spy's idle detection misses these here):
+# the event loop in select, a pool thread waiting for work, a lock or condition wait
+WAITING = ("selectors.py", "_worker (", "threading.py", "queue.py")
 
 
 def py_spy() -> str | None:
@@ -48,9 +51,12 @@ def record_command(output: Path, gil: bool) -> list[str]:
 
 def categorise(stack: str) -> str | None:
     """The category of one sampled stack (frames outermost first, ``;``-separated), None for
-    the server's start-up (imports, loading the bundle), which the load does not measure."""
+    the server's start-up (imports, loading the bundle), which the load does not measure, and
+    for a thread that waits (:data:`WAITING`)."""
     frames = stack.split(";")
     if any(marker in frame for frame in frames for marker in STARTUP):
+        return None
+    if any(marker in frames[-1] for marker in WAITING):
         return None
     for frame in reversed(frames):
         for category, markers in CATEGORIES:

@@ -43,3 +43,14 @@ def test_bench_serve_smoke(tmp_path: Path, demo_dir: Path) -> None:
     assert set(bench_serve.EQUIVALENCE_RUNTIMES) <= set(equivalence) and equivalence["images"] > 0
     assert equivalence["openvino"]["max_probability_difference"] <= 1e-3
     assert "mcnemar_p" in equivalence["openvino-int8"]["paired"]
+
+
+@pytest.mark.unit
+def test_the_profile_counts_work_not_waits() -> None:
+    from benchmarks.serve_profile import categorise
+
+    pool = "_bootstrap (threading.py:1002);_worker (concurrent/futures/thread.py:{})"
+    assert categorise(pool.format(81)) is None  # a pool thread waiting for work
+    assert categorise("run (asyncio/base_events.py:1);select (selectors.py:468)") is None
+    forward = pool.format(83) + ";run (thread.py:58);__call__ (brainmri/runtimes.py:150)"
+    assert categorise(forward) == "forward (runtime)"
