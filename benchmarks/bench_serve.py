@@ -2,15 +2,16 @@
 
     python -m benchmarks.bench_serve [--model-dir DIR | --stand-in [--image-size 128]]
         [--concurrency 1 8 32] [--batch-sizes 1] [--images-per-setting 1536]
-        [--variants eager openvino "openvino + batching"]
+        [--variants eager onnxruntime openvino "openvino + batching" ...]
 
-Every server variant (:data:`VARIANTS`: eager PyTorch, OpenVINO, OpenVINO with request
-batching) is started in turn on the same bundle (exported as ONNX first when it was trained
-before training exported it), its cold start (process start -> ready) recorded, and driven
-alike; the client honours 429 by sending again after a twentieth of ``Retry-After`` (counted as
-``shed``, not as errors). The goals compare, in the same run, the fastest variant's single-image
-throughput at concurrency 8 with the eager server's (>= 4x) and with its runtime's raw batched
-forward (>= 0.8x), p99 with p50 at concurrency 1 and 8 (<= 2x), and cold start (<= 5 s).
+Every server variant (:data:`VARIANTS`: eager PyTorch, ONNX Runtime and OpenVINO, each of the
+two with and without request batching) is started in turn on the same bundle (exported as ONNX
+first when it was trained before training exported it), its cold start (process start -> ready)
+recorded, and driven alike; the client honours 429 by sending again after a twentieth of
+``Retry-After`` (counted as ``shed``, not as errors). The goals compare, in the same run, the
+fastest variant's single-image throughput at concurrency 8 with the eager server's (>= 4x) and
+with its runtime's raw batched forward (>= 0.8x), p99 with p50 at concurrency 1 and 8 (<= 2x),
+and cold start (<= 5 s).
 
 1. Measures, in this process and before the server starts, the raw batched forward throughput
    of the same model (``ModelBundle.predict_proba`` on preprocessed tensors, the server's own
@@ -24,7 +25,7 @@ forward (>= 0.8x), p99 with p50 at concurrency 1 and 8 (<= 2x), and cold start (
    by that many threads over keep-alive connections, each setting capped in time as well.
    Then, for reference, ``/v2/models/<name>/infer`` with the same images already preprocessed
    (FP32 tensors in the binary extension), largest batch, concurrency 8.
-3. Profiles the last variant with py-spy at concurrency 8 (CPU cores per part of the server;
+3. Profiles the fastest variant with py-spy at concurrency 8 (CPU cores per part of the server;
    what the runtime's native threads use is the server's CPU no Python thread accounts for).
 4. Compares each runtime with eager PyTorch on the held-out test split of ``--data`` (split as
    bench-accuracy splits it), after quantising the network to INT8 on training images: label
@@ -97,10 +98,17 @@ POOL_SIZE = 64  # distinct images cycled through the requests
 IMAGE_PROTOCOL = "v1 images"
 EAGER_VARIANT = "eager"
 # the servers compared: each runtime, and the fastest with request batching
+BATCHING = ["--max_batch_latency_ms", "2"]
+VARIANT_RUNTIME = {
+    EAGER_VARIANT: "torch",
+    "onnxruntime": "onnxruntime",
+    "openvino": "openvino",
+    "onnxruntime + batching": "onnxruntime",
+    "openvino + batching": "openvino",
+}
 VARIANTS = {
-    EAGER_VARIANT: ["--runtime", "torch"],
-    "openvino": ["--runtime", "openvino"],
-    "openvino + batching": ["--runtime", "openvino", "--max_batch_latency_ms", "2"],
+    variant: ["--runtime", runtime, *(BATCHING if "batching" in variant else [])]
+    for variant, runtime in VARIANT_RUNTIME.items()
 }
 # the server's CPU (from /proc) that no Python thread's samples account for
 NATIVE_THREADS = "runtime's native threads (server CPU not in Python threads)"
@@ -113,7 +121,6 @@ EQUIVALENCE_RUNTIMES = {
     "openvino-int8": "reduced",
 }
 INT8_CALIBRATION_IMAGES = 300
-VARIANT_RUNTIME = {"eager": "torch", "openvino": "openvino", "openvino + batching": "openvino"}
 
 
 @dataclass(frozen=True)
@@ -453,6 +460,15 @@ def _setting(
 
 
 # -- report ------------------------------------------------------------------------------------
+def fastest(settings: list[Setting]) -> tuple[Setting, int]:
+    """The fastest setting on single v1 images at concurrency 8 (the highest level of a smoke
+    run without it), and that level."""
+    single = [s for s in settings if s.protocol == IMAGE_PROTOCOL and s.batch_size == 1]
+    levels = {s.concurrency for s in single}
+    loaded = TAIL_CONCURRENCY if TAIL_CONCURRENCY in levels else max(levels)
+    return max((s for s in single if s.concurrency == loaded), key=lambda s: s.images_per_s), loaded
+
+
 def goals(
     raw: dict[str, dict[int, float]], settings: list[Setting], cold_starts: dict[str, float]
 ) -> dict[str, Any]:
@@ -460,10 +476,8 @@ def goals(
     fastest variant against the eager one of the same run and its runtime's raw forward."""
     single = [s for s in settings if s.protocol == IMAGE_PROTOCOL and s.batch_size == 1]
     at = {(s.variant, s.concurrency): s for s in single}
-    levels = {s.concurrency for s in single}
-    loaded = TAIL_CONCURRENCY if TAIL_CONCURRENCY in levels else max(levels)  # smoke runs
+    best, loaded = fastest(settings)
     eager = at.get((EAGER_VARIANT, loaded))
-    best = max((s for s in single if s.concurrency == loaded), key=lambda s: s.images_per_s)
     runtime = VARIANT_RUNTIME.get(best.variant, "torch")
     ceiling = max(raw.get(runtime, {0: 0.0}).values())
     tails = {
@@ -561,7 +575,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--profile-seconds",
         type=float,
         default=20.0,
-        help="py-spy profile of the last variant at concurrency 8 for this long (0: none)",
+        help="py-spy profile of the fastest variant at concurrency 8 for this long (0: none)",
     )
     parser.add_argument(
         "--data", type=Path, default=SHARED_TRAINING, help="real data for the equivalence check"
@@ -663,7 +677,7 @@ def main(argv: list[str] | None = None) -> int:
             equivalence = runtime_equivalence(model_dir, args.data, Path(tmp) / "data")
         profile: dict[str, Any] = {}
         if args.profile_seconds > 0:
-            variant = args.variants[-1]
+            variant = fastest(settings)[0].variant
             flags = [*VARIANTS[variant], *server_args]
             profile = {"variant": variant}
             profile |= profile_server(model_dir, flags, images, args.profile_seconds, Path(tmp))

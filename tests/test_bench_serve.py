@@ -29,14 +29,14 @@ def test_bench_serve_smoke(tmp_path: Path, demo_dir: Path) -> None:
     result = json.loads(out.read_text())
     assert result["model"]["source"].startswith("stand-in")
     assert result["images"]["distinct"] == bench_serve.POOL_SIZE
-    assert set(result["raw_forward"]) == {"torch", "openvino"}  # each variant's runtime
+    assert set(result["raw_forward"]) == {"torch", "onnxruntime", "openvino"}  # each runtime
     assert [row["batch_size"] for row in result["raw_forward"]["openvino"]] == [1]
     assert result["server"] and all(s["images_per_s"] > 0 for s in result["server"])
     assert {s["variant"] for s in result["server"]} == set(bench_serve.VARIANTS)
     assert set(result["goals"]["cold_start_s"]) == set(bench_serve.VARIANTS)
     assert result["goals"]["over_eager_server"] > 0 and result["goals"]["no_errors"]
     profile = result["profile"]
-    assert profile["variant"] == list(bench_serve.VARIANTS)[-1]
+    assert profile["variant"] in bench_serve.VARIANTS
     if "skipped" not in profile:  # py-spy can sample the server here
         assert profile["cores_busy"] and profile["images_per_s_cores_busy"] > 0
     equivalence = result["equivalence_on_the_held_out_split"]
