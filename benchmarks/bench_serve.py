@@ -298,6 +298,12 @@ def model_server(
     return serve_in_subprocess([*args, *extra_args], log_path, **options)
 
 
+def profiled_pid(profiler: int) -> int:
+    """The server's pid under ``py-spy record`` (its child), whose CPU the setting counts."""
+    children = Path(f"/proc/{profiler}/task/{profiler}/children").read_text().split()
+    return int(children[0]) if children else profiler
+
+
 def profile_server(
     model_dir: Path, flags: list[str], images: list[bytes], seconds: float, tmp: Path
 ) -> dict[str, Any]:
@@ -312,7 +318,8 @@ def profile_server(
         options = {"prefix": serve_profile.record_command(raw, gil), "stop_signal": signal.SIGINT}
         with model_server(model_dir, flags, tmp / f"profile-{what}.log", **options) as server:
             started = time.perf_counter()
-            setting = drive(server.port, server.process.pid, load, TAIL_CONCURRENCY, 10**9, seconds)
+            pid = profiled_pid(server.process.pid)
+            setting = drive(server.port, pid, load, TAIL_CONCURRENCY, 10**9, seconds)
             measured = time.perf_counter() - started
         profile[what] = serve_profile.summarise(raw, measured)
         if not gil:  # a runtime's own native threads run no Python: py-spy cannot see them
