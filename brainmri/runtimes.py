@@ -22,10 +22,11 @@ from brainmri.backbones import get_backbone
 from brainmri.cpu import loaded_allocator
 
 RUNTIMES = ("torch", "onnxruntime", "openvino", "openvino-bf16", "openvino-int8")
-# the fastest runtime measured on 2 CPU cores that answers as eager PyTorch does (fp32):
-# EfficientNet-Lite0 at 160 px with flip averaging, images/s at batch 1 / 16: torch 43 / 45,
-# onnxruntime 65 / 185, openvino 144 / 190 (openvino bf16: 206 / 403, 2 of 559 labels differ)
-DEFAULT_RUNTIME = "openvino"
+# the fastest on 2 CPU cores of the runtimes that answer as eager PyTorch does (fp32), by
+# make bench-serve on EfficientNet-Lite0 at 160 px with flip averaging (benchmarks/results/
+# serve.json): its raw forward 1.16x OpenVINO's, served within a few per cent of it; OpenVINO
+# bf16 and INT8 are faster raw but change held-out answers
+DEFAULT_RUNTIME = "onnxruntime"
 ONNX_FILE = "model.onnx"
 # the network quantised to INT8 by NNCF (OpenVINO IR: the .xml graph and its .bin weights)
 INT8_FILES = ("model-int8.xml", "model-int8.bin")

@@ -190,11 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     threads.add_argument(
         "--runtime",
         choices=RUNTIMES,
-        default=DEFAULT_RUNTIME,
-        help="What runs the forward pass on the bundle's exported model.onnx: OpenVINO (the "
-        "fastest measured on 2 CPU cores that answers as eager PyTorch does: 3.3x its images/s "
-        "at batch 1), ONNX Runtime, OpenVINO in bf16 (4.8x, but 2 of 559 held-out labels "
-        "differ), or eager PyTorch; a bundle without model.onnx is served eagerly.",
+        default=None,
+        help="What runs the forward pass on the bundle's exported model.onnx. Default: eager "
+        "PyTorch on a GPU, else ONNX Runtime (the "
+        "fastest on 2 CPU cores of those that answer as eager PyTorch does; make bench-serve), "
+        "OpenVINO (served within a few per cent of it), OpenVINO in bf16 or INT8 (not "
+        "equivalent: they change held-out answers), or eager PyTorch; a bundle without "
+        "model.onnx is served eagerly.",
     )
     threads.add_argument(
         "--torch_threads",
@@ -220,6 +222,12 @@ def forward_threads(
     return forward_workers, torch_threads
 
 
+def default_runtime(device: torch.device) -> str:
+    """The runtime when --runtime is not given: the CPU runtimes run on the CPU only, so a GPU
+    gets eager PyTorch on CUDA."""
+    return DEFAULT_RUNTIME if device.type == "cpu" else "torch"
+
+
 def default_inflight(args: argparse.Namespace, model: BrainMRIModel) -> int:
     """Serving slots when --max_inflight_requests is not given: half the forward workers (at
     least one), or a full batch per forward worker when requests are batched."""
@@ -239,8 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.configure_logging:
         kserve_logging.configure_logging(args.log_config_file)
     location = args.storage_uri or args.model_dir
+    device = pick_device()
     forward_workers, torch_threads = forward_threads(
-        pick_device(), args.forward_workers, args.torch_threads
+        device, args.forward_workers, args.torch_threads
     )
     torch.set_num_threads(torch_threads)
     model = BrainMRIModel(
@@ -251,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         max_image_pixels=args.max_image_pixels,
         decode_workers=args.decode_workers,
         forward_workers=forward_workers,
-        runtime=args.runtime,
+        runtime=args.runtime or default_runtime(device),
         runtime_threads=torch_threads,
         max_batch_latency_ms=args.max_batch_latency_ms,
     )

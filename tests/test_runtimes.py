@@ -12,7 +12,7 @@ from brainmri.backbones import get_backbone
 from brainmri.model import ModelBundle, build_model
 from brainmri.runtimes import ONNX_FILE, RUNTIMES, RuntimeUnavailable, load_runtime
 from brainmri.trust import OODDetector, Trust
-from serving.__main__ import build_parser
+from serving.__main__ import build_parser, default_runtime
 
 pytestmark = pytest.mark.unit
 CLASSES = ["glioma", "meningioma", "notumor", "pituitary"]
@@ -79,7 +79,9 @@ def test_runtimes_are_chosen_by_name(exported: Path) -> None:
     with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
         load_runtime("tensorrt", model, "tiny_cnn", exported)
     parser = build_parser()
-    assert parser.parse_args(["--model_dir", "/m"]).runtime == "openvino"  # the measured default
+    assert parser.parse_args(["--model_dir", "/m"]).runtime is None  # the device decides:
+    assert default_runtime(torch.device("cpu")) == "onnxruntime"  # measured fastest
+    assert default_runtime(torch.device("cuda")) == "torch"  # the CPU runtimes cannot use it
     assert parser.parse_args(["--model_dir", "/m", "--runtime", "torch"]).runtime == "torch"
 
 
