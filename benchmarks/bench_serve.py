@@ -504,7 +504,8 @@ def goals(
         "p99_over_p50": tails,
         "tail_met": bool(tails) and all(t <= TAIL_GOAL for t in tails.values()),
         "cold_start_s": cold_starts,
-        "cold_start_met": all(v <= COLD_START_GOAL_S for v in cold_starts.values()),
+        # the goal is the chosen server's; the others are listed for comparison
+        "cold_start_met": cold_starts.get(best.variant, 0.0) <= COLD_START_GOAL_S,
         "no_errors": all(s.errors == 0 for s in settings),
     }
 
