@@ -8,6 +8,7 @@ from typing import NamedTuple
 
 from kfp import dsl
 from kfp.dsl import (
+    HTML,
     Artifact,
     ClassificationMetrics,
     Dataset,
@@ -194,6 +195,7 @@ def evaluate(
     roc_notumor: Output[ClassificationMetrics],
     roc_pituitary: Output[ClassificationMetrics],
     report: Output[Markdown],
+    html_report: Output[HTML],
     predictions: Output[Dataset],
     reliability_diagram: Output[Artifact],
 ) -> NamedTuple("EvaluateOutputs", [("accuracy", float)]):
@@ -201,8 +203,9 @@ def evaluate(
     confusion matrix, ROC curves (micro average with the confusion matrix, one-vs-rest per class
     in roc_<class>), the per-image predictions (for the gate), and a Markdown report with the
     worst mistakes, calibration and uncertainty (with the reliability diagram, also a PNG
-    artifact), heatmaps of where the evidence is, and the model card; an external test set is
-    scored whole, on its novel images and on those with a near-copy in training. Returns the
+    artifact), heatmaps of where the evidence is, and the model card; the same as one HTML page
+    with every figure drawn (:mod:`components.html_report`); an external test set is scored
+    whole, on its novel images and on those with a near-copy in training. Returns the
     accuracy."""
     import base64
     from pathlib import Path
@@ -210,6 +213,7 @@ def evaluate(
 
     from brainmri.model import load_bundle
     from components.evaluate import evaluate_split, external_parts
+    from components.html_report import render_html
     from components.report import render_report
     from components.split import EXTERNAL_SPLIT, load_split
 
@@ -238,6 +242,7 @@ def evaluate(
             artifact.log_roc_curve(curve.fpr, curve.tpr, curve.thresholds)
     text = render_report(result)
     frame = load_split(split_csv)
+    Path(html_report.path).write_text(render_html(result, frame))
     if (frame["split"] == EXTERNAL_SPLIT).any():
         external = evaluate_split(bundle, Path(dataset.path), split_csv, EXTERNAL_SPLIT)
         for part, scores in {"": external, **external_parts(external, frame)}.items():

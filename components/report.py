@@ -14,11 +14,11 @@ if TYPE_CHECKING:
 MAX_REPORT_CHARS = 300_000
 
 
-def _pct(value: float | None) -> str:
+def percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f} %"
 
 
-def _ci(interval: tuple[float, float] | None) -> str:
+def interval_text(interval: tuple[float, float] | None) -> str:
     """A 95 % interval as ``95.1–97.3 %``."""
     return "n/a" if interval is None else f"{100 * interval[0]:.1f}–{100 * interval[1]:.1f} %"
 
@@ -53,7 +53,7 @@ def _model_card(evaluation: Evaluation) -> list[str]:
             ("split sizes", data.get("split_sizes", "n/a")),
             ("training set per class", data.get("class_counts", {}).get("train", "n/a")),
             ("evaluated on", f"`{evaluation.data}` ({evaluation.num_images} images)"),
-            ("best validation accuracy", _pct(meta.get("best_val_accuracy"))),
+            ("best validation accuracy", percent(meta.get("best_val_accuracy"))),
             ("best epoch", f"{meta.get('best_epoch', '?')} of {len(history)} run"),
             ("training time", f"{meta.get('training_seconds', 0) / 60:.1f} min"),
             ("training throughput", f"{meta.get('train_images_per_s', 0):.1f} images/s"),
@@ -85,17 +85,17 @@ def render_report(evaluation: Evaluation, title: str = "Brain-MRI classifier eva
         [
             (
                 "accuracy",
-                _pct(evaluation.accuracy),
-                f"{_ci(evaluation.accuracy_ci)} (Wilson)",
+                percent(evaluation.accuracy),
+                f"{interval_text(evaluation.accuracy_ci)} (Wilson)",
                 f"{evaluation.errors} of {evaluation.num_images}",
             ),
             (
                 "balanced accuracy",
-                _pct(evaluation.balanced_accuracy),
-                f"{_ci(evaluation.balanced_accuracy_ci)} (bootstrap)",
+                percent(evaluation.balanced_accuracy),
+                f"{interval_text(evaluation.balanced_accuracy_ci)} (bootstrap)",
                 "",
             ),
-            ("macro AUC (one-vs-rest)", _pct(evaluation.macro_auc), "", ""),
+            ("macro AUC (one-vs-rest)", percent(evaluation.macro_auc), "", ""),
         ],
     )
     lines += ["", "## Per class", ""]
@@ -104,12 +104,12 @@ def render_report(evaluation: Evaluation, title: str = "Brain-MRI classifier eva
         [
             (
                 n,
-                _pct(s.recall),
-                _ci(s.recall_ci),
+                percent(s.recall),
+                interval_text(s.recall_ci),
                 s.errors,
-                _pct(s.precision),
-                _pct(s.f1),
-                _pct(s.auc),
+                percent(s.precision),
+                percent(s.f1),
+                percent(s.auc),
                 s.support,
             )
             for n, s in evaluation.per_class.items()
@@ -133,7 +133,9 @@ def render_report(evaluation: Evaluation, title: str = "Brain-MRI classifier eva
             if not m.thumbnail_png or len(image) > budget:
                 image = "(not shown)"
             budget -= len(image)
-            rows.append((image, f"`{m.path}`", m.true_label, m.predicted_label, _pct(m.confidence)))
+            rows.append(
+                (image, f"`{m.path}`", m.true_label, m.predicted_label, percent(m.confidence))
+            )
         lines += markdown_table(("image", "file", "true", "predicted", "confidence"), rows)
     lines += _evidence_section(evaluation, MAX_REPORT_CHARS - len("\n".join(lines + card)) - 1_000)
     return "\n".join(lines + card) + "\n"
@@ -145,23 +147,26 @@ def _trust_section(evaluation: Evaluation) -> list[str]:
     if trust is None:
         return []
     o = trust.overall
-    target = _pct(trust.coverage_target) if trust.coverage_target else "none fitted"
+    target = percent(trust.coverage_target) if trust.coverage_target else "none fitted"
     lines = ["", "## Calibration and uncertainty", ""]
     lines += markdown_table(
         ("figure", "value"),
         [
             ("temperature (fitted on validation)", f"{trust.temperature:.3f}"),
-            ("ECE, 15 bins: before / after", f"{_pct(trust.before.ece)} / {_pct(trust.after.ece)}"),
+            (
+                "ECE, 15 bins: before / after",
+                f"{percent(trust.before.ece)} / {percent(trust.after.ece)}",
+            ),
             ("NLL: before / after", f"{trust.before.nll:.4f} / {trust.after.nll:.4f}"),
             ("Brier: before / after", f"{trust.before.brier:.4f} / {trust.after.brier:.4f}"),
             (
                 "prediction-set coverage (target)",
-                f"{_pct(o.coverage)} ({target})",
+                f"{percent(o.coverage)} ({target})",
             ),
-            ("mean set size; empty sets", f"{o.mean_set_size:.3f}; {_pct(o.empty_sets)}"),
-            ("right answers flagged uncertain", f"{_pct(o.right_flagged)} of {o.right}"),
-            ("wrong answers flagged uncertain", f"{_pct(o.wrong_flagged)} of {o.wrong}"),
-            ("rejected as not a brain MRI", _pct(o.rejected)),
+            ("mean set size; empty sets", f"{o.mean_set_size:.3f}; {percent(o.empty_sets)}"),
+            ("right answers flagged uncertain", f"{percent(o.right_flagged)} of {o.right}"),
+            ("wrong answers flagged uncertain", f"{percent(o.wrong_flagged)} of {o.wrong}"),
+            ("rejected as not a brain MRI", percent(o.rejected)),
         ],
     )
     lines += ["", "Per class:", ""]
@@ -170,10 +175,10 @@ def _trust_section(evaluation: Evaluation) -> list[str]:
         [
             (
                 n,
-                _pct(r.coverage),
+                percent(r.coverage),
                 f"{r.mean_set_size:.2f}",
-                _pct(r.right_flagged),
-                f"{_pct(r.wrong_flagged)} of {r.wrong}",
+                percent(r.right_flagged),
+                f"{percent(r.wrong_flagged)} of {r.wrong}",
                 r.images,
             )
             for n, r in trust.per_class.items()
@@ -209,7 +214,7 @@ def _evidence_section(evaluation: Evaluation, budget: int) -> list[str]:
                 f"`{shown.path}`",
                 shown.true_label,
                 shown.predicted_label,
-                _pct(shown.confidence),
+                percent(shown.confidence),
                 verdict,
             )
         )

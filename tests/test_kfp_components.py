@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from kfp.dsl import Artifact, ClassificationMetrics, Dataset, Markdown, Metrics, Model
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Markdown, Metrics, Model
 
 from brainmri import CLASS_NAMES
 from brainmri.inference_service import ImageNotAllowed
@@ -119,6 +119,7 @@ def test_evaluate_scores_the_test_and_external_sets_with_roc_per_class(
     report = artifact(Markdown, out, "report.md")
     predictions = artifact(Dataset, out, "predictions.csv")
     diagram = artifact(Artifact, out, "reliability.png")
+    page = artifact(HTML, out, "report.html")
     result = step.evaluate.python_func(
         model=trained[0],
         dataset=Dataset(uri=str(dataset)),
@@ -126,6 +127,7 @@ def test_evaluate_scores_the_test_and_external_sets_with_roc_per_class(
         metrics=metrics,
         classification_metrics=confusion,
         report=report,
+        html_report=page,
         predictions=predictions,
         reliability_diagram=diagram,
         **rocs,
@@ -151,6 +153,7 @@ def test_evaluate_scores_the_test_and_external_sets_with_roc_per_class(
     text = Path(report.path).read_text()
     assert "# Brain-MRI classifier evaluation" in text and "# External test set" in text
     assert "# External test set: novel images" in text
+    assert 'id="confusion"' in Path(page.path).read_text()  # the HTML report, drawn
 
 
 def test_ingest_records_the_dataset_and_decides_to_train(
