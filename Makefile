@@ -17,6 +17,8 @@ GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 # Debian packages the local runs use when present (the component image installs them too)
 DEBIAN_PACKAGES := libtcmalloc-minimal4
+# what only the tests use: a real browser renders the HTML run report (tests/test_html_report.py)
+TEST_DEBIAN_PACKAGES := chromium
 # training's malloc, as in the component image: tcmalloc steps 1.10x glibc's at 1/70 of its page
 # faults (benchmarks/results/allocators.json); recursive, so it sees what debian-packages installed
 TCMALLOC_LIB = $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
@@ -50,6 +52,7 @@ run: $(STAMP) debian-packages ## demo end to end: local S3, pipeline via kfp.loc
 	$(BIN)/python -m pipelines.quickstart $(if $(DATA),--data "$(DATA)")
 
 test: $(STAMP) debian-packages ## run the test suite (unit and integration tests)
+	@$(MAKE) --no-print-directory debian-packages DEBIAN_PACKAGES="$(TEST_DEBIAN_PACKAGES)"
 	$(BIN)/python -m pytest
 
 test-unit: $(STAMP) ## only the unit tests: no server, subprocess or kfp.local run (well under a minute)

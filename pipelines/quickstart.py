@@ -126,6 +126,12 @@ def promotion_threshold(args: argparse.Namespace) -> float:
     return PROMOTION_THRESHOLD if args.data else DEMO_THRESHOLD
 
 
+def latest_output(root: Path, name: str) -> Path | None:
+    """The newest file a kfp.local run wrote for the output ``name`` under ``root``."""
+    found = [path for path in root.rglob(name) if path.is_file()]
+    return max(found, key=lambda path: path.stat().st_mtime) if found else None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.threshold = promotion_threshold(args)
@@ -148,6 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             RUN_DIR / "pipeline-root",
         )
         record = read_production_record(store, args.models_bucket, args.model_name)
+        page = latest_output(RUN_DIR / "pipeline-root", "html_report")
+        if page is not None:
+            say(f"evaluation report: {page} ({page.resolve().as_uri()})")
         if record is None or record == before:
             say(
                 f"the gate kept production as it was (threshold {args.threshold}); see the "

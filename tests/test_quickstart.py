@@ -1,6 +1,7 @@
 """``make run`` end to end: its own local S3 server, demo data, pipeline, served model, query."""
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def test_quickstart_serves_the_promoted_model(
     assert prediction["label"] in prediction["probabilities"]
     assert prediction["model_version"] in out  # the version the pipeline just promoted
     assert "stopping local S3 server" in out
+    page = re.search(r"evaluation report: (\S+) \((file://\S+)\)", out)
+    assert page and 'id="confusion"' in Path(page.group(1)).read_text()  # the HTML report
 
 
 def test_demo_trains_the_small_cnn_and_real_data_the_pipeline_recipe(
