@@ -126,6 +126,45 @@ def promotion_threshold(args: argparse.Namespace) -> float:
     return PROMOTION_THRESHOLD if args.data else DEMO_THRESHOLD
 
 
+def step_outputs(run: Path, step: str) -> dict[str, dict]:
+    """A kfp.local step's output artifacts' metadata by name (its executor_output.json)."""
+    path = run / step / "executor_output.json"
+    if not path.is_file():
+        return {}
+    artifacts = json.loads(path.read_text()).get("artifacts", {})
+    return {name: a["artifacts"][0].get("metadata", {}) for name, a in artifacts.items()}
+
+
+def run_summary(run: Path, answer: dict | None) -> list[str]:
+    """Five lines: the data, the test accuracy, the gate's decision, the promotion, the answer."""
+    data = step_outputs(run, "ingest").get("dataset", {})
+    scores = step_outputs(run, "evaluate").get("metrics", {})
+    gate = step_outputs(run, "gate").get("gate_metrics", {})
+    promoted = step_outputs(run, "promote").get("isvc_manifest", {})
+    champion = gate.get("champion_accuracy")
+    lines = [
+        f"data:     {data.get('num_images', '?')} images, {data.get('duplicates', '?')} "
+        f"duplicates collapsed, {data.get('quarantined', '?')} quarantined",
+        f"test:     accuracy {100 * scores.get('accuracy', float('nan')):.2f} % "
+        f"[{100 * scores.get('accuracy_ci_low', float('nan')):.1f}, "
+        f"{100 * scores.get('accuracy_ci_high', float('nan')):.1f}] (95 %), "
+        f"{scores.get('errors', float('nan')):.0f} errors of {scores.get('test_images', 0):.0f}",
+        f"gate:     {'PROMOTE' if gate.get('promote') else 'KEEP production'}: challenger "
+        f"{100 * gate.get('challenger_accuracy', float('nan')):.2f} % vs "
+        + (f"champion {100 * champion:.2f} %" if champion is not None else "no champion")
+        + f" (threshold {100 * gate.get('threshold', float('nan')):.0f} %)",
+        f"promoted: {promoted.get('version') or 'nothing'}",
+    ]
+    if answer:
+        first = answer["predictions"][0]
+        confidence = first.get("confidence")
+        said = f"{confidence:.3f}" if confidence is not None else "none"
+        lines.append(
+            f"answer:   {first['label']} (confidence {said}, uncertain {first['uncertain']})"
+        )
+    return lines
+
+
 def latest_output(root: Path, name: str) -> Path | None:
     """The newest file a kfp.local run wrote for the output ``name`` under ``root``."""
     found = [path for path in root.rglob(name) if path.is_file()]
@@ -158,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if page is not None:
             say(f"evaluation report: {page} ({page.resolve().as_uri()})")
         if record is None or record == before:
+            if page is not None:
+                print("\n".join(run_summary(page.parent.parent, None)))
             say(
                 f"the gate kept production as it was (threshold {args.threshold}); see the "
                 "gate step's log above. Nothing new to serve."
@@ -180,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
             answer.raise_for_status()
             print(json.dumps(answer.json(), indent=2))
     say(f"done in {time.monotonic() - started:.0f} s")
+    if page is not None:
+        print("\n".join(run_summary(page.parent.parent, answer.json())))
+        print(f"report:   {page.resolve().as_uri()}")
     return 0
 
 

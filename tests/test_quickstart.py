@@ -35,6 +35,17 @@ def test_quickstart_serves_the_promoted_model(
     assert "stopping local S3 server" in out
     page = re.search(r"evaluation report: (\S+) \((file://\S+)\)", out)
     assert page and 'id="confusion"' in Path(page.group(1)).read_text()  # the HTML report
+    summary = out[out.rindex("data:     ") :].splitlines()  # the five-line summary, then the URL
+    assert [line.split(":")[0] for line in summary[:6]] == [
+        "data",
+        "test",
+        "gate",
+        "promoted",
+        "answer",
+        "report",
+    ]
+    assert "240 images" in summary[0] and "PROMOTE" in summary[2]
+    assert prediction["model_version"] in summary[3] and prediction["label"] in summary[4]
 
 
 def test_demo_trains_the_small_cnn_and_real_data_the_pipeline_recipe(
