@@ -13,7 +13,9 @@ import os
 import secrets
 import sys
 import time
+import warnings
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import requests
@@ -34,6 +36,7 @@ from components.config import (
     to_dict,
 )
 from pipelines.__main__ import run_local
+from pipelines.console import quiet_console
 from serving.process import serve_in_subprocess
 
 RUN_DIR = Path(".run")
@@ -135,25 +138,89 @@ def step_outputs(run: Path, step: str) -> dict[str, dict]:
     return {name: a["artifacts"][0].get("metadata", {}) for name, a in artifacts.items()}
 
 
+def _percent(metadata: dict, name: str) -> str:
+    value = metadata.get(name)
+    return f"{100 * value:.2f} %" if isinstance(value, int | float) else "?"
+
+
+def _ingested(out: dict[str, dict]) -> str:
+    data = out.get("dataset", {})
+    return (
+        f"{data.get('num_images', '?')} images, {data.get('duplicates', '?')} duplicates "
+        f"collapsed, {data.get('quarantined', '?')} quarantined"
+    )
+
+
+def _split(out: dict[str, dict]) -> str:
+    sizes = out.get("split_metrics", {})
+    return "train {} / val {} / test {}, {} leaked".format(
+        *(int(sizes.get(k, 0)) for k in ("train_images", "val_images", "test_images")),
+        int(sizes.get("leaked_images", 0)),
+    )
+
+
+def _trained(out: dict[str, dict]) -> str:
+    metrics = out.get("training_metrics", {})
+    return (
+        f"best val accuracy {_percent(metrics, 'best_val_accuracy')} at epoch "
+        f"{metrics.get('best_epoch', '?')} of {metrics.get('epochs_run', '?')}"
+    )
+
+
+def _evaluated(out: dict[str, dict]) -> str:
+    scores = out.get("metrics", {})
+    low, high = (100 * scores.get(f"accuracy_ci_{end}", float("nan")) for end in ("low", "high"))
+    return (
+        f"accuracy {_percent(scores, 'accuracy')} [{low:.1f}, {high:.1f}] (95 %), "
+        f"{scores.get('errors', float('nan')):.0f} errors of {scores.get('test_images', 0):.0f}"
+    )
+
+
+def _gated(out: dict[str, dict]) -> str:
+    gate = out.get("gate_metrics", {})
+    champion = gate.get("champion_accuracy")
+    versus = f"champion {100 * champion:.2f} %" if champion is not None else "no champion"
+    decision = "PROMOTE" if gate.get("promote") else "KEEP production"
+    return (
+        f"{decision}: challenger {_percent(gate, 'challenger_accuracy')} vs {versus} "
+        f"(threshold {_percent(gate, 'threshold')})"
+    )
+
+
+def _promoted(out: dict[str, dict]) -> str:
+    return out.get("isvc_manifest", {}).get("version") or "nothing"
+
+
+# what each step's console line and the final summary say of its outputs
+STEP_SUMMARIES = {
+    "ingest": _ingested,
+    "split": _split,
+    "train": _trained,
+    "evaluate": _evaluated,
+    "gate": _gated,
+    "promote": _promoted,
+}
+SUMMARY_LINES = {"data": "ingest", "test": "evaluate", "gate": "gate", "promoted": "promote"}
+
+
+def latest_run(root: Path) -> Path | None:
+    """The newest kfp.local run folder under the pipeline root."""
+    runs = [path for path in root.glob("*") if path.is_dir()] if root.is_dir() else []
+    return max(runs, key=lambda path: path.stat().st_mtime) if runs else None
+
+
+def step_summary(root: Path, step: str) -> str:
+    """The key output of ``step`` in the newest run (its console line's tail)."""
+    run = latest_run(root)
+    summarise = STEP_SUMMARIES.get(step)
+    return summarise(step_outputs(run, step)) if run is not None and summarise else ""
+
+
 def run_summary(run: Path, answer: dict | None) -> list[str]:
     """Five lines: the data, the test accuracy, the gate's decision, the promotion, the answer."""
-    data = step_outputs(run, "ingest").get("dataset", {})
-    scores = step_outputs(run, "evaluate").get("metrics", {})
-    gate = step_outputs(run, "gate").get("gate_metrics", {})
-    promoted = step_outputs(run, "promote").get("isvc_manifest", {})
-    champion = gate.get("champion_accuracy")
     lines = [
-        f"data:     {data.get('num_images', '?')} images, {data.get('duplicates', '?')} "
-        f"duplicates collapsed, {data.get('quarantined', '?')} quarantined",
-        f"test:     accuracy {100 * scores.get('accuracy', float('nan')):.2f} % "
-        f"[{100 * scores.get('accuracy_ci_low', float('nan')):.1f}, "
-        f"{100 * scores.get('accuracy_ci_high', float('nan')):.1f}] (95 %), "
-        f"{scores.get('errors', float('nan')):.0f} errors of {scores.get('test_images', 0):.0f}",
-        f"gate:     {'PROMOTE' if gate.get('promote') else 'KEEP production'}: challenger "
-        f"{100 * gate.get('challenger_accuracy', float('nan')):.2f} % vs "
-        + (f"champion {100 * champion:.2f} %" if champion is not None else "no champion")
-        + f" (threshold {100 * gate.get('threshold', float('nan')):.0f} %)",
-        f"promoted: {promoted.get('version') or 'nothing'}",
+        f"{f'{name}:':<10}{STEP_SUMMARIES[step](step_outputs(run, step))}"
+        for name, step in SUMMARY_LINES.items()
     ]
     if answer:
         first = answer["predictions"][0]
@@ -181,19 +248,29 @@ def main(argv: list[str] | None = None) -> int:
         source = prepare_source(args.data, store)
         before = read_production_record(store, args.models_bucket, args.model_name)
         say(f"running the pipeline with kfp.local on {source}")
-        run_local(
-            {
-                "source": source,
-                "threshold": args.threshold,
-                "model_name": args.model_name,
-                "models_bucket": args.models_bucket,
-                "train": to_dict(training_config(args)),
-                **({} if args.data else {"val_fraction": DEMO_VAL_FRACTION}),
-            },
-            RUN_DIR / "pipeline-root",
-        )
+        arguments = {
+            "source": source,
+            "threshold": args.threshold,
+            "model_name": args.model_name,
+            "models_bucket": args.models_bucket,
+            "train": to_dict(training_config(args)),
+            **({} if args.data else {"val_fraction": DEMO_VAL_FRACTION}),
+        }
+        root = RUN_DIR / "pipeline-root"
+        if os.environ.get("VERBOSE", "") not in ("", "0"):
+            run_local(arguments, root)  # every step's full output, as kfp.local prints it
+        else:
+            logs = RUN_DIR / "logs"
+            say(f"each step's full log: {logs}/<step>.log (VERBOSE=1 prints them here)")
+            with (
+                quiet_console(sys.stdout, logs, partial(step_summary, root)),
+                warnings.catch_warnings(),
+            ):
+                # kfp.local's warning, once per step, that the image is not what runs here
+                warnings.filterwarnings("ignore", "You may be attemping", RuntimeWarning)
+                run_local(arguments, root)
         record = read_production_record(store, args.models_bucket, args.model_name)
-        page = latest_output(RUN_DIR / "pipeline-root", "html_report")
+        page = latest_output(root, "html_report")
         if page is not None:
             say(f"evaluation report: {page} ({page.resolve().as_uri()})")
         if record is None or record == before:

@@ -33,6 +33,10 @@ def test_quickstart_serves_the_promoted_model(
     assert prediction["label"] in prediction["probabilities"]
     assert prediction["model_version"] in out  # the version the pipeline just promoted
     assert "stopping local S3 server" in out
+    steps = ("ingest", "split", "train", "evaluate", "gate", "promote")
+    assert all(re.search(rf"(?:^|\r)ok {step} +SUCCESS +[\d.]+ s  \S", out, re.M) for step in steps)
+    assert all((tmp_path / ".run" / "logs" / f"{step}.log").stat().st_size for step in steps)
+    assert '"parameterValues"' not in out  # kfp.local's executor JSON is in the logs only
     page = re.search(r"evaluation report: (\S+) \((file://\S+)\)", out)
     assert page and 'id="confusion"' in Path(page.group(1)).read_text()  # the HTML report
     summary = out[out.rindex("data:     ") :].splitlines()  # the five-line summary, then the URL
