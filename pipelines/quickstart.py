@@ -35,6 +35,7 @@ from components.config import (
     pop_flags,
     to_dict,
 )
+from components.report import percent
 from pipelines.__main__ import run_local
 from pipelines.console import quiet_console
 from serving.process import serve_in_subprocess
@@ -138,11 +139,6 @@ def step_outputs(run: Path, step: str) -> dict[str, dict]:
     return {name: a["artifacts"][0].get("metadata", {}) for name, a in artifacts.items()}
 
 
-def _percent(metadata: dict, name: str) -> str:
-    value = metadata.get(name)
-    return f"{100 * value:.2f} %" if isinstance(value, int | float) else "?"
-
-
 def _ingested(out: dict[str, dict]) -> str:
     data = out.get("dataset", {})
     return (
@@ -162,7 +158,7 @@ def _split(out: dict[str, dict]) -> str:
 def _trained(out: dict[str, dict]) -> str:
     metrics = out.get("training_metrics", {})
     return (
-        f"best val accuracy {_percent(metrics, 'best_val_accuracy')} at epoch "
+        f"best val accuracy {percent(metrics.get('best_val_accuracy'))} at epoch "
         f"{metrics.get('best_epoch', '?')} of {metrics.get('epochs_run', '?')}"
     )
 
@@ -171,7 +167,7 @@ def _evaluated(out: dict[str, dict]) -> str:
     scores = out.get("metrics", {})
     low, high = (100 * scores.get(f"accuracy_ci_{end}", float("nan")) for end in ("low", "high"))
     return (
-        f"accuracy {_percent(scores, 'accuracy')} [{low:.1f}, {high:.1f}] (95 %), "
+        f"accuracy {percent(scores.get('accuracy'))} [{low:.1f}, {high:.1f}] (95 %), "
         f"{scores.get('errors', float('nan')):.0f} errors of {scores.get('test_images', 0):.0f}"
     )
 
@@ -182,8 +178,8 @@ def _gated(out: dict[str, dict]) -> str:
     versus = f"champion {100 * champion:.2f} %" if champion is not None else "no champion"
     decision = "PROMOTE" if gate.get("promote") else "KEEP production"
     return (
-        f"{decision}: challenger {_percent(gate, 'challenger_accuracy')} vs {versus} "
-        f"(threshold {_percent(gate, 'threshold')})"
+        f"{decision}: challenger {percent(gate.get('challenger_accuracy'))} vs {versus} "
+        f"(threshold {percent(gate.get('threshold'))})"
     )
 
 
@@ -232,12 +228,6 @@ def run_summary(run: Path, answer: dict | None) -> list[str]:
     return lines
 
 
-def latest_output(root: Path, name: str) -> Path | None:
-    """The newest file a kfp.local run wrote for the output ``name`` under ``root``."""
-    found = [path for path in root.rglob(name) if path.is_file()]
-    return max(found, key=lambda path: path.stat().st_mtime) if found else None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     args.threshold = promotion_threshold(args)
@@ -270,12 +260,14 @@ def main(argv: list[str] | None = None) -> int:
                 warnings.filterwarnings("ignore", "You may be attemping", RuntimeWarning)
                 run_local(arguments, root)
         record = read_production_record(store, args.models_bucket, args.model_name)
-        page = latest_output(root, "html_report")
+        run = latest_run(root)
+        page = run / "evaluate" / "html_report" if run is not None else None
+        page = page if page is not None and page.is_file() else None
         if page is not None:
             say(f"evaluation report: {page} ({page.resolve().as_uri()})")
         if record is None or record == before:
-            if page is not None:
-                print("\n".join(run_summary(page.parent.parent, None)))
+            if run is not None:
+                print("\n".join(run_summary(run, None)))
             say(
                 f"the gate kept production as it was (threshold {args.threshold}); see the "
                 "gate step's log above. Nothing new to serve."
@@ -298,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
             answer.raise_for_status()
             print(json.dumps(answer.json(), indent=2))
     say(f"done in {time.monotonic() - started:.0f} s")
+    if run is not None:
+        print("\n".join(run_summary(run, answer.json())))
     if page is not None:
-        print("\n".join(run_summary(page.parent.parent, answer.json())))
         print(f"report:   {page.resolve().as_uri()}")
     return 0
 
