@@ -13,12 +13,9 @@ import pytest
 import torch
 
 from brainmri import CLASS_NAMES
-from brainmri.dataset import MANIFEST_FILE, ImageSet, load_image_set, read_manifest
-from brainmri.demo_data import generate_demo_dataset
+from brainmri.dataset import ImageSet, load_image_set
 from brainmri.model import CHECKSUMS_FILE, ModelBundle
 from brainmri.runtimes import INT8_FILES
-from components.config import DEMO_TRAINING, DEMO_VAL_FRACTION, TEST_FRACTION
-from components.ingest import ingest_dataset
 from components.runtime_check import (
     LABEL_AGREEMENT,
     PROBABILITY_TOLERANCE,
@@ -26,8 +23,7 @@ from components.runtime_check import (
     compare_runtimes,
     quantise_bundle,
 )
-from components.split import split_manifest
-from components.train import TrainRun, train_model
+from tests.bundles import train_demo_model
 
 pytestmark = pytest.mark.integration
 
@@ -36,16 +32,7 @@ pytestmark = pytest.mark.integration
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, ImageSet]]:
     """The demo model as ``make run`` trains it (with its ONNX export), and its splits' images."""
     work = tmp_path_factory.mktemp("runtime-check")
-    generate_demo_dataset(work / "demo", 60, 96, seed=3, progress=False)
-    ingest_dataset(str(work / "demo"), work / "dataset", progress=False)
-    split = split_manifest(
-        read_manifest(work / "dataset" / MANIFEST_FILE), DEMO_VAL_FRACTION, TEST_FRACTION, 0
-    )
-    split.to_csv(work / "split.csv", index=False)
-    run = TrainRun(
-        str(work / "dataset"), str(work / "split.csv"), str(work / "model"), DEMO_TRAINING
-    )
-    train_model(run, progress=False)
+    split = train_demo_model(work, 96, seed=3)
     bundle = ModelBundle.load(work / "model")
     sets = {
         name: load_image_set(

@@ -17,16 +17,12 @@ import torch
 from PIL import Image
 
 from brainmri import CLASS_NAMES
-from brainmri.dataset import MANIFEST_FILE, read_manifest
-from brainmri.demo_data import generate_demo_dataset, read_lesion_mask
+from brainmri.demo_data import read_lesion_mask
 from brainmri.non_mri import non_mri_images
 from brainmri.trust import NOT_BRAIN_MRI
-from components.config import DEMO_TRAINING, DEMO_VAL_FRACTION, TEST_FRACTION
-from components.ingest import ingest_dataset
-from components.split import split_manifest
-from components.train import TrainRun, train_model
 from components.trust_scores import POINTING_TOLERANCE, pointing_distance
 from serving.process import ServerProcess, serve_in_subprocess
+from tests.bundles import train_demo_model
 
 pytestmark = pytest.mark.integration
 MODEL = "brain-mri"
@@ -46,16 +42,7 @@ def demo_model(tmp_path_factory: pytest.TempPathFactory) -> DemoModel:
     """The demo set as ``make run`` makes it (with the lesion masks), its model as ``make run``
     trains it (a few seconds)."""
     work = tmp_path_factory.mktemp("demo-model")
-    generate_demo_dataset(work / "demo", 60, DEMO_SIZE, seed=0, progress=False, mask_dir=work / "m")
-    ingest_dataset(str(work / "demo"), work / "dataset", progress=False)
-    split = split_manifest(
-        read_manifest(work / "dataset" / MANIFEST_FILE), DEMO_VAL_FRACTION, TEST_FRACTION, 0
-    )
-    split.to_csv(work / "split.csv", index=False)
-    run = TrainRun(
-        str(work / "dataset"), str(work / "split.csv"), str(work / "model"), DEMO_TRAINING
-    )
-    train_model(run, progress=False)
+    split = train_demo_model(work, DEMO_SIZE, seed=0, mask_dir=work / "m")
     test = split[split["split"] == "test"]["path"].tolist()
     return DemoModel(work / "model", work / "dataset", work / "m", test)
 
