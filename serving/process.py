@@ -12,7 +12,7 @@ from pathlib import Path
 
 import requests
 
-from brainmri.local_s3 import free_ports
+from brainmri.local_servers import free_ports
 
 
 class ServerNotReady(RuntimeError):

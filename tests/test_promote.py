@@ -239,7 +239,7 @@ def test_unreachable_cluster_leaves_production_record_untouched(
 ) -> None:
     from kubernetes import client
 
-    from brainmri.local_s3 import free_ports
+    from brainmri.local_servers import free_ports
 
     config = client.Configuration()
     config.host = f"http://127.0.0.1:{free_ports(1)[0]}"

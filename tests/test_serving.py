@@ -32,7 +32,7 @@ from brainmri import CLASS_NAMES
 from brainmri.backbones import get_backbone
 from brainmri.demo_data import synthetic_slice
 from brainmri.images import PreprocessConfig, decode_image
-from brainmri.local_s3 import free_ports
+from brainmri.local_servers import free_ports
 from brainmri.model import ModelBundle, build_model
 from brainmri.storage import ObjectStore, S3Uri, StorageError
 from serving import __main__ as serving_main

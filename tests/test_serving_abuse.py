@@ -36,7 +36,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from brainmri import CLASS_NAMES
-from brainmri.local_s3 import free_ports
+from brainmri.local_servers import free_ports
 from serving.limits import AdmissionLimits, AdmissionMiddleware
 from serving.process import ServerProcess, serve_in_subprocess
 from serving.protocol import read_binary_extension

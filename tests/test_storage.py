@@ -67,7 +67,7 @@ def test_wrong_credentials_are_rejected(s3_env: dict[str, str]) -> None:
 
 
 def test_unreachable_server_is_a_clear_error() -> None:
-    from brainmri.local_s3 import free_ports
+    from brainmri.local_servers import free_ports
 
     endpoint = f"127.0.0.1:{free_ports(1)[0]}"
     store = ObjectStore(S3Settings(endpoint, "key", "secret"), timeout_s=2, retry_s=0.5)

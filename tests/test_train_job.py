@@ -15,7 +15,7 @@ import pytest
 
 from brainmri.dataset import read_manifest
 from brainmri.kube import PENDING, Progress
-from brainmri.local_s3 import free_ports
+from brainmri.local_servers import free_ports
 from brainmri.model import ModelBundle
 from brainmri.storage import ObjectStore, S3Uri
 from components.config import AugmentConfig, TrainConfig
