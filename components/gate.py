@@ -25,10 +25,14 @@ from brainmri.inference_service import INFERENCE_SERVICES, storage_uri_of
 from brainmri.model import load_bundle
 from brainmri.registry import RecordError, production_record_uri, read_production_record
 from brainmri.storage import ObjectStore, StorageError
+from brainmri.tracking import CHAMPION_ALIAS, TRACKING_URI_ENV, aliased_version, tracking_uri
 from components.evaluate import evaluate_rows
 from components.report import markdown_table
 from components.split import HASH_PREFIX, group_key, load_split
 from components.statistics import PairedComparison, compare_paired
+
+CHAMPION_FROM_PRODUCTION, CHAMPION_FROM_MLFLOW = "production", "mlflow"
+CHAMPION_SOURCES = (CHAMPION_FROM_PRODUCTION, CHAMPION_FROM_MLFLOW)
 
 
 @dataclass(frozen=True)
@@ -195,6 +199,48 @@ def fetch_champion(
     return Champion(str(record.get("version", "?")), record["storage_uri"], record.get("accuracy"))
 
 
+def mlflow_champion(model_name: str) -> Champion | None:
+    """The version MLflow's ``champion`` alias points at (promote moves it; a person may too),
+    or None when it points nowhere yet."""
+    if tracking_uri() is None:
+        raise ValueError(
+            f"champion_from='{CHAMPION_FROM_MLFLOW}' needs {TRACKING_URI_ENV} (the MLflow "
+            "tracking server); set it, or use champion_from='production'"
+        )
+    registered = aliased_version(model_name, CHAMPION_ALIAS)
+    if registered is None:
+        return None
+    accuracy = registered.tags.get("accuracy")
+    return Champion(
+        registered.tags.get("version", f"mlflow version {registered.number}"),
+        registered.tags.get("storage_uri", registered.source),
+        float(accuracy) if accuracy not in (None, "", "None") else None,
+    )
+
+
+def find_champion(
+    models_bucket: str, model_name: str, store: ObjectStore, champion_from: str
+) -> tuple[Champion | None, str]:
+    """The champion from the production record, or from MLflow's ``champion`` alias (the record
+    stands in while the alias points nowhere); and a note when the two disagree."""
+    if champion_from not in CHAMPION_SOURCES:
+        raise ValueError(
+            f"champion_from={champion_from!r}: expected one of {', '.join(CHAMPION_SOURCES)}"
+        )
+    if champion_from == CHAMPION_FROM_PRODUCTION:
+        return fetch_champion(models_bucket, model_name, store), ""
+    registered = mlflow_champion(model_name)
+    production = fetch_champion(models_bucket, model_name, store)
+    if registered is None:
+        return production, "MLflow has no champion alias yet: the production record's model"
+    if production is not None and production.storage_uri != registered.storage_uri:
+        return registered, (
+            f"MLflow's champion {registered.version} is not what production.json serves "
+            f"({production.version}); compared with MLflow's, as champion_from asks"
+        )
+    return registered, "MLflow's champion alias"
+
+
 def unseen_test_rows(frame: pd.DataFrame, seen: set[str]) -> pd.DataFrame:
     """The test rows of ``frame`` whose group holds no image of the hash prefixes ``seen``."""
     prefixes = frame["content_hash"].astype(str).str[:HASH_PREFIX]
@@ -259,15 +305,17 @@ def gate_model(
     store: ObjectStore | None = None,
     api_client: Any = None,
     namespace: str = "brain-mri",
+    champion_from: str = CHAMPION_FROM_PRODUCTION,
 ) -> GateDecision:
     """Fetch and score the champion, then decide; logs the decision and the scores as JSON.
 
     It fails closed: with no production record while the InferenceService exists (``api_client``
     given), or with an unreadable record, it stops naming the object instead of treating the
     challenger as the first model. When the champion cannot be loaded or scored, its recorded
-    accuracy stands in (noted as such)."""
+    accuracy stands in (noted as such). ``champion_from`` "mlflow" takes the champion from MLflow's
+    ``champion`` alias (:func:`find_champion`)."""
     store = store or ObjectStore()
-    champion = fetch_champion(models_bucket, model_name, store)
+    champion, found_by = find_champion(models_bucket, model_name, store, champion_from)
     limits = {"tolerance": tolerance, "max_recall_drop": max_recall_drop}
     if champion is None:
         live = INFERENCE_SERVICES.get(api_client, namespace, model_name) if api_client else None
@@ -280,7 +328,9 @@ def gate_model(
             )
         decision = gate_decision(accuracy, threshold, **limits)
         return _logged(decision, "first model: threshold only")
-    where = f"champion {champion.version} ({champion.storage_uri})"
+    where = (
+        f"champion {champion.version} ({'; '.join(filter(None, [champion.storage_uri, found_by]))})"
+    )
     try:
         comparison = compare_with_champion(
             champion.storage_uri, predictions, dataset_dir, split_csv, store

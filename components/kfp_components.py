@@ -140,15 +140,22 @@ def train(
     namespace: str = "brain-mri",
     run_id: str = "local",
     models_bucket: str = "models",
+    model_name: str = "brain-mri-classifier",
 ) -> float:
     """Train the classifier; outputs the model bundle and its best validation accuracy.
 
     ``train_config`` / ``augment_config`` hold TrainConfig / AugmentConfig fields (missing ones
     take the defaults; an unknown one fails the step, naming it). Saves the training state to
     ``checkpoint_uri`` after every epoch and, when the task is retried, resumes from it.
-    ``workers > 1`` trains as a PyTorchJob (DDP) of that many replicas.
+    ``workers > 1`` trains as a PyTorchJob (DDP) of that many replicas. With
+    ``MLFLOW_TRACKING_URI`` set, the knobs and every epoch go to MLflow (experiment
+    ``model_name``), and the run's id to the model's metadata.
     """
-    from components.config import AugmentConfig, TrainConfig, from_dict
+    from pathlib import Path
+
+    from brainmri.tracking import RUN_ID_KEY
+    from components.config import AugmentConfig, TrainConfig, from_dict, to_dict
+    from components.experiment_log import epoch_logger, log_training, open_training_run
     from components.train import TrainRun
     from components.train_job import Replicas, run_training
 
@@ -160,7 +167,17 @@ def train(
         from_dict(AugmentConfig, augment_config),
         checkpoint_uri or None,
     )
-    trained = run_training(run, Replicas(workers, namespace, run_id, models_bucket))
+    data = {k: dataset.metadata.get(k) for k in ("source", "fingerprint", "num_images")}
+    params = {"train": to_dict(run.train), "augment": to_dict(run.augment) if run.augment else {}}
+    params["workers"] = workers
+    tracked = open_training_run(model_name, run_id, params, data, Path(split_manifest_csv.path))
+    try:
+        replicas = Replicas(workers, namespace, run_id, models_bucket)
+        trained = run_training(run, replicas, on_epoch=epoch_logger(tracked))
+    except BaseException:
+        if tracked is not None:
+            tracked.finish("FAILED")
+        raise
     model.metadata.update(
         {
             "backbone": run.train.backbone,
@@ -171,11 +188,18 @@ def train(
             "augment": trained.augment,
         }
     )
-    training_metrics.log_metric("best_val_accuracy", trained.best_val_accuracy)
-    training_metrics.log_metric("best_epoch", trained.best_epoch)
-    training_metrics.log_metric("epochs_run", len(trained.history))
-    training_metrics.log_metric("training_minutes", trained.training_seconds / 60)
-    training_metrics.log_metric("train_images_per_s", trained.train_images_per_s)
+    summary = {
+        "best_val_accuracy": trained.best_val_accuracy,
+        "best_epoch": trained.best_epoch,
+        "epochs_run": len(trained.history),
+        "training_minutes": trained.training_seconds / 60,
+        "train_images_per_s": trained.train_images_per_s,
+    }
+    for name, value in summary.items():
+        training_metrics.log_metric(name, value)
+    log_training(tracked, trained.history, summary)
+    if tracked is not None:
+        model.metadata[RUN_ID_KEY] = tracked.run_id
     for epoch in trained.history:  # per-epoch curves, one scalar each (Metrics holds scalars)
         prefix = f"epoch{epoch['epoch']:02d}"
         training_metrics.log_metric(f"{prefix}_val_accuracy", epoch["val_accuracy"])
@@ -212,15 +236,19 @@ def evaluate(
     from typing import NamedTuple
 
     from brainmri.model import load_bundle
+    from brainmri.tracking import RUN_ID_KEY, attach_run
     from components.evaluate import evaluate_split, external_parts
+    from components.experiment_log import log_evaluation
     from components.html_report import render_html
     from components.report import render_report
     from components.split import EXTERNAL_SPLIT, load_split
 
     split_csv = Path(split_manifest_csv.path)
+    tracked = attach_run(model.metadata.get(RUN_ID_KEY))  # checked before the work
     bundle = load_bundle(Path(model.path))
     result = evaluate_split(bundle, Path(dataset.path), split_csv)
-    for name, value in result.scalar_metrics().items():
+    scores = result.scalar_metrics()
+    for name, value in scores.items():
         metrics.log_metric(name, value)
     result.predictions.to_csv(predictions.path, index=False)
     if result.trust is not None and result.trust.reliability_png:
@@ -252,6 +280,14 @@ def evaluate(
             title = f"External test set{': ' + part.replace('_', ' ') + ' images' if part else ''}"
             text += "\n" + render_report(scores, title=title)
     Path(report.path).write_text(text)
+    named = {
+        html_report.path: "report.html",
+        report.path: "report.md",
+        predictions.path: "predictions.csv",
+    }
+    log_evaluation(tracked, scores, named)
+    if tracked is not None:
+        predictions.metadata[RUN_ID_KEY] = tracked.run_id  # for the gate
     return NamedTuple("EvaluateOutputs", [("accuracy", float)])(result.accuracy)
 
 
@@ -269,16 +305,22 @@ def gate(
     gate_metrics: Output[Metrics],
     gate_report: Output[Markdown],
     namespace: str = "brain-mri",
+    champion_from: str = "production",
 ) -> bool:
     """Champion/challenger, like with like: True when the model may be promoted; logs the
-    decision, both scores and the paired counts, and shows them as Markdown."""
+    decision, both scores and the paired counts, and shows them as Markdown (and in MLflow
+    when tracking is on). ``champion_from`` "mlflow": the champion is MLflow's ``champion``
+    alias instead of the production record."""
     from pathlib import Path
 
     import pandas as pd
 
     from brainmri.kube import cluster_api_client
+    from brainmri.tracking import RUN_ID_KEY, attach_run
+    from components.experiment_log import log_gate
     from components.gate import gate_model, render_gate_report
 
+    tracked = attach_run(predictions.metadata.get(RUN_ID_KEY))
     decision = gate_model(
         accuracy,
         threshold,
@@ -291,6 +333,15 @@ def gate(
         max_recall_drop=max_recall_drop,
         api_client=cluster_api_client(),
         namespace=namespace,
+        champion_from=champion_from,
+    )
+    log_gate(
+        tracked,
+        decision.promote,
+        {
+            "challenger_accuracy": decision.challenger_accuracy,
+            "champion_accuracy": decision.champion_accuracy,
+        },
     )
     gate_metrics.log_metric("challenger_accuracy", decision.challenger_accuracy)
     if decision.champion_accuracy is not None:
@@ -323,12 +374,16 @@ def promote(
     """Publish the model version, roll the InferenceService to it and wait until the new model
     serves (rolling back on failure); returns the version's storage URI. ``serving_policy``
     (ServingPolicy, fixed at compile time) allows the images and sets the deployment;
-    ``canary_traffic_percent`` -1 sends all traffic to the new version."""
+    ``canary_traffic_percent`` -1 sends all traffic to the new version. With tracking on, the
+    served version is registered in MLflow and its ``champion`` alias moved to it; if MLflow
+    fails then, production stands (it serves) and the step says so."""
     from pathlib import Path
 
     from brainmri.inference_service import ServingPolicy
     from brainmri.kube import cluster_api_client
     from brainmri.model import ModelBundle
+    from brainmri.tracking import RUN_ID_KEY
+    from components.experiment_log import registry_note
     from components.promote import promote_model
 
     canary = canary_traffic_percent if canary_traffic_percent >= 0 else None
@@ -347,6 +402,14 @@ def promote(
         wait_ready_timeout_s=ready_timeout_s,
     )
     Path(isvc_manifest.path).write_text(result.isvc_yaml)
+    registered = registry_note(
+        model_name,
+        result.version,
+        result.storage_uri,
+        trained_on,
+        accuracy,
+        model.metadata.get(RUN_ID_KEY),
+    )
     isvc_manifest.metadata.update(
         {
             "version": result.version,
@@ -354,6 +417,7 @@ def promote(
             "action": result.isvc_action,
             "previous_version": result.previous_version or "",
             "ready": result.ready_detail,
+            "mlflow": registered,
         }
     )
     print(

@@ -26,6 +26,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -527,11 +528,15 @@ def _run_epoch(
 
 
 def train_model(
-    run: TrainRun, progress: bool = True, store: ObjectStore | None = None
+    run: TrainRun,
+    progress: bool = True,
+    store: ObjectStore | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Train on the ``train`` rows of the split, select on ``val``, save the bundle to
     ``run.output`` (a local folder); resumes from ``run.checkpoint_uri`` when it holds a
-    checkpoint of this very configuration and split (through ``store`` for ``s3://``)."""
+    checkpoint of this very configuration and split (through ``store`` for ``s3://``).
+    ``on_epoch`` gets each epoch's row of the history as it is done (on rank 0)."""
     started, config, s = time.perf_counter(), run.train, _set_up(run)
     checkpoints = Checkpoints(run.checkpoint_uri, store) if run.checkpoint_uri else None
     resume = _resume(checkpoints, s)
@@ -552,6 +557,8 @@ def train_model(
         state.phase = name
         state.record(row, s.model, phase.ema.module if phase.ema is not None else None)
         print(json.dumps(row), flush=True)
+        if on_epoch is not None and s.ctx.is_main:
+            on_epoch(row)
         state.stopped_early = _stops_early(state, config, name)
         state.finished = state.stopped_early or epoch == config.epochs
         if state.stopped_early:

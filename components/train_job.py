@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import copy
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -241,12 +242,18 @@ class Replicas:
     models_bucket: str = "models"
 
 
-def run_training(run: TrainRun, replicas: Replicas | None = None) -> TrainResult:
-    """The train step: ``run`` in this process, or on a PyTorchJob of ``replicas``."""
+def run_training(
+    run: TrainRun,
+    replicas: Replicas | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> TrainResult:
+    """The train step: ``run`` in this process, or on a PyTorchJob of ``replicas``;
+    ``on_epoch`` sees each epoch's row as it is done in this process (a PyTorchJob's rows are in
+    the result's history)."""
     replicas = replicas or Replicas()
     workers, run_id = replicas.workers, replicas.run_id
     if workers <= 1:
-        return train_model(run)
+        return train_model(run, on_epoch=on_epoch)
     from components import COMPONENT_IMAGE
 
     api_client = cluster_api_client()
