@@ -32,6 +32,7 @@ from kfp.dsl.pipeline_context import Pipeline
 
 from brainmri.inference_service import ServingPolicy
 from brainmri.pod_security import MINIO_CLIENT_LABEL, RUN_AS_USER
+from brainmri.tracking import TRACKING_URI_ENV
 from components import COMPONENT_IMAGE, SERVING_IMAGE
 
 DEFAULT_SERVING_IMAGE = SERVING_IMAGE
@@ -61,6 +62,7 @@ class StepPolicy:
     resources: Resources
     uses_object_storage: bool = False  # credentials, endpoint and retries
     cache: bool = False
+    tracks_experiments: bool = False  # gets MLFLOW_TRACKING_URI when the pipeline has one
 
 
 @dataclass(frozen=True)
@@ -77,11 +79,17 @@ STEP_POLICIES: dict[str, StepPolicy] = {
     "ingest": StepPolicy(Resources("500m", "2", "1Gi", "4Gi"), uses_object_storage=True),
     "split": StepPolicy(Resources("250m", "1", "512Mi", "2Gi"), cache=True),
     # train saves a checkpoint to MinIO every epoch (and resumes from it when retried)
-    "train": StepPolicy(Resources("2", "8", "4Gi", "16Gi"), uses_object_storage=True),
-    "evaluate": StepPolicy(Resources("1", "4", "2Gi", "8Gi")),
+    "train": StepPolicy(
+        Resources("2", "8", "4Gi", "16Gi"), uses_object_storage=True, tracks_experiments=True
+    ),
+    "evaluate": StepPolicy(Resources("1", "4", "2Gi", "8Gi"), tracks_experiments=True),
     # gate downloads the production model and scores it on the test split
-    "gate": StepPolicy(Resources("1", "4", "2Gi", "8Gi"), uses_object_storage=True),
-    "promote": StepPolicy(Resources("250m", "1", "1Gi", "2Gi"), uses_object_storage=True),
+    "gate": StepPolicy(
+        Resources("1", "4", "2Gi", "8Gi"), uses_object_storage=True, tracks_experiments=True
+    ),
+    "promote": StepPolicy(
+        Resources("250m", "1", "1Gi", "2Gi"), uses_object_storage=True, tracks_experiments=True
+    ),
 }
 
 
@@ -183,6 +191,12 @@ class ClusterOptions:
     )
     s3_use_https: bool = _option(False, "TLS to S3", name="s3-https")
     s3_region: str | None = _option("us-east-1", "S3 region", convert=lambda text: text or None)
+    mlflow_tracking_uri: str | None = _option(
+        None,
+        "MLflow tracking server of train, evaluate, gate and promote (their MLFLOW_TRACKING_URI;"
+        " unset: nothing is tracked)",
+        convert=lambda text: text or None,
+    )
     cache_ingest: bool = _option(
         False,
         "let KFP reuse a cached ingest (only for an immutable source prefix, never with the "
@@ -343,6 +357,8 @@ def configure_task(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
             )
         for name, value in options.s3_env().items():
             task.set_env_variable(name, value)
+    if policy.tracks_experiments and options.mlflow_tracking_uri:
+        task.set_env_variable(TRACKING_URI_ENV, options.mlflow_tracking_uri)
     if step == GPU_STEP and options.in_cluster:
         # a multi-worker train step starts its PyTorchJob replicas from this same image
         task.set_env_variable("COMPONENT_IMAGE", options.component_image)

@@ -49,6 +49,7 @@ Args:
     threshold: test accuracy a model must reach before it may be promoted.
     tolerance: extra errors per compared image a model may make against production (paired, on test images neither trained on) and still win.
     max_recall_drop: the most any class's recall may drop against production.
+    champion_from: where the gate finds the model to beat: production (the production record) or mlflow (the registry's champion alias; needs MLFLOW_TRACKING_URI).
     model_name: the InferenceService and the folder in the models bucket.
     models_bucket: bucket of model versions, records and checkpoints.
     namespace: Kubernetes namespace of the InferenceService (and of a PyTorchJob).
@@ -83,6 +84,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
         threshold: float = PROMOTION_THRESHOLD,
         tolerance: float = 0.005,
         max_recall_drop: float = 0.02,
+        champion_from: str = "production",
         model_name: str = "brain-mri-classifier",
         models_bucket: str = "models",
         namespace: str = "brain-mri",
@@ -127,6 +129,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
                 namespace=namespace,
                 run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
                 models_bucket=models_bucket,
+                model_name=model_name,
             )
             evaluate_task = step.evaluate(
                 model=train_task.outputs["model"],
@@ -144,6 +147,7 @@ def build_pipeline(options: ClusterOptions | None = None) -> GraphComponent:
                 split_manifest_csv=split_task.outputs["split_manifest_csv"],
                 predictions=evaluate_task.outputs["predictions"],
                 namespace=namespace,
+                champion_from=champion_from,
             )
             promote_ok = gate_task.outputs["Output"] == True  # noqa: E712 - a KFP condition
             with dsl.If(promote_ok, name="accuracy-gate"):
