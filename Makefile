@@ -4,6 +4,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA ?=
+MLFLOW ?=
+MLFLOW_PORT ?= 5000
 PIPELINE_YAML := pipelines/brain_mri_pipeline.yaml
 PYTORCHJOB_YAML := manifests/training/pytorchjob.yaml
 ISVC_YAML := manifests/serving/inferenceservice.yaml
@@ -24,7 +26,7 @@ TEST_DEBIAN_PACKAGES := chromium
 TCMALLOC_LIB = $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))
 ON_TCMALLOC = $(if $(TCMALLOC_LIB),LD_PRELOAD=$(TCMALLOC_LIB))
 
-.PHONY: help venv run test test-unit lint format compile manifests clean images cluster-yaml upload \
+.PHONY: help venv run mlflow-ui test test-unit lint format compile manifests clean images cluster-yaml upload \
 	debian-packages bench bench-ingest bench-accuracy bench-serve bench-load bench-reliability bench-step bench-allocator bench-train-speed bench-trust bench-front credentials
 
 help: ## list the targets
@@ -48,8 +50,11 @@ debian-packages: ## install DEBIAN_PACKAGES with apt-get when missing and run as
 	    || echo "apt-get failed: runs go on without $$missing"; \
 	else echo "optional Debian packages missing: $$missing (sudo apt-get install $$missing); runs go on without them"; fi
 
-run: $(STAMP) debian-packages ## demo end to end: local S3, pipeline via kfp.local, KServe server, one query (DATA=folder|s3://bucket/prefix)
-	$(BIN)/python -m pipelines.quickstart $(if $(DATA),--data "$(DATA)")
+run: $(STAMP) debian-packages ## demo end to end: local S3, pipeline via kfp.local, KServe server, one query (DATA=folder|s3://bucket/prefix, MLFLOW=1: tracked in a local MLflow)
+	$(BIN)/python -m pipelines.quickstart $(if $(DATA),--data "$(DATA)") $(if $(filter-out 0,$(MLFLOW)),--mlflow) --mlflow-port $(MLFLOW_PORT)
+
+mlflow-ui: $(STAMP) ## serve the local MLflow UI on the runs `make run MLFLOW=1` tracked (MLFLOW_PORT=5000), until Ctrl-C
+	$(BIN)/python -m pipelines.quickstart --mlflow-ui --mlflow-port $(MLFLOW_PORT)
 
 test: $(STAMP) debian-packages ## run the test suite (unit and integration tests)
 	@$(MAKE) --no-print-directory debian-packages DEBIAN_PACKAGES="$(TEST_DEBIAN_PACKAGES)"

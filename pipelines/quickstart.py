@@ -2,7 +2,10 @@
 
 Starts a local S3 server (unless ``S3_ENDPOINT`` points at one already), loads the demo set (or
 ``--data``) into a bucket, runs the real pipeline with ``kfp.local``, serves the promoted model
-with the KServe model server, sends it one image and prints the answer.
+with the KServe model server, sends it one image and prints the answer. With ``--mlflow``
+(``make run MLFLOW=1``) it also starts a local MLflow server (unless ``MLFLOW_TRACKING_URI``
+names one) that the steps track the run in; ``--mlflow-ui`` (``make mlflow-ui``) serves the
+tracked runs again afterwards, until interrupted.
 """
 
 import argparse
@@ -14,7 +17,7 @@ import secrets
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -22,9 +25,11 @@ import requests
 
 from brainmri.class_folders import list_labelled_files
 from brainmri.demo_data import generate_demo_dataset
+from brainmri.local_mlflow import LocalMlflowServer
 from brainmri.local_s3 import LocalS3Server
 from brainmri.registry import read_production_record
 from brainmri.storage import ObjectStore, S3Uri
+from brainmri.tracking import RUN_ID_KEY, TRACKING_URI_ENV, experiment_name, tracking_uri
 from components.config import (
     DEMO_THRESHOLD,
     DEMO_TRAINING,
@@ -43,6 +48,8 @@ from serving.process import serve_in_subprocess
 RUN_DIR = Path(".run")
 RECIPE = TrainConfig()  # the pipeline's default: what --data trains
 DEMO_URI = S3Uri("demo-data", "brain-mri")
+MLFLOW_ARTIFACTS = S3Uri("mlflow", "artifacts")
+DEFAULT_MLFLOW_PORT = 5000
 
 
 def say(message: str) -> None:
@@ -69,6 +76,49 @@ def object_storage() -> Iterator[None]:
     finally:
         say("stopping local S3 server")
         server.stop()
+
+
+@contextlib.contextmanager
+def experiment_tracking(enabled: bool, port: int) -> Iterator[str | None]:
+    """The tracking server's URI: ``MLFLOW_TRACKING_URI``'s, else a local MLflow server's
+    (SQLite in .run/mlflow, artifacts in the object storage) on ``port``; None when off."""
+    if not enabled:
+        yield None
+        return
+    if tracking_uri() is not None:
+        say(f"tracking the run in MLflow at {tracking_uri()}")
+        yield tracking_uri()
+        return
+    server = LocalMlflowServer(RUN_DIR / "mlflow", MLFLOW_ARTIFACTS, port)
+    say(f"starting a local MLflow server on {server.url}; log: {server.log_path}")
+    server.start()
+    os.environ[TRACKING_URI_ENV] = server.url
+    say(f"MLflow UI: {server.url} (runs, metrics, reports and the model registry)")
+    try:
+        yield server.url
+    finally:
+        say("stopping the local MLflow server (make mlflow-ui serves it again)")
+        os.environ.pop(TRACKING_URI_ENV, None)
+        server.stop()
+
+
+def wait_for_interrupt() -> None:
+    """Sleep until Ctrl-C."""
+    with contextlib.suppress(KeyboardInterrupt):
+        while True:
+            time.sleep(3600)
+
+
+def serve_mlflow_ui(port: int, wait: Callable[[], None] = wait_for_interrupt) -> int:
+    """``make mlflow-ui``: the local S3 and MLflow servers on this checkout's tracked runs,
+    while ``wait`` (until Ctrl-C)."""
+    if not (RUN_DIR / "mlflow" / "mlflow.db").is_file():
+        print(f"nothing tracked yet in {RUN_DIR / 'mlflow'}: run `make run MLFLOW=1` first")
+        return 1
+    with object_storage(), experiment_tracking(True, port):
+        print("press Ctrl-C to stop", flush=True)
+        wait()
+    return 0
 
 
 def prepare_source(data: str | None, store: ObjectStore) -> str:
@@ -104,6 +154,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         help=f"test accuracy needed to promote (default: {PROMOTION_THRESHOLD} with --data, the "
         f"pipeline's, set from the measured recipe; {DEMO_THRESHOLD} on the demo set)",
+    )
+    parser.add_argument(
+        "--mlflow",
+        action="store_true",
+        default=os.environ.get("MLFLOW", "") not in ("", "0"),
+        help=f"track the run in MLflow: {TRACKING_URI_ENV}'s server, else a local one "
+        "(default: on when MLFLOW is set, as in `make run MLFLOW=1`)",
+    )
+    parser.add_argument(
+        "--mlflow-port",
+        type=int,
+        default=int(os.environ.get("MLFLOW_PORT") or DEFAULT_MLFLOW_PORT),
+        help=f"port of the local MLflow server and its UI (default: {DEFAULT_MLFLOW_PORT})",
+    )
+    parser.add_argument(
+        "--mlflow-ui",
+        action="store_true",
+        help="only serve the local MLflow UI on the runs tracked so far, until Ctrl-C",
     )
     parser.add_argument("--model-name", default="brain-mri-classifier")
     parser.add_argument("--models-bucket", default="models")
@@ -184,7 +252,17 @@ def _gated(out: dict[str, dict]) -> str:
 
 
 def _promoted(out: dict[str, dict]) -> str:
-    return out.get("isvc_manifest", {}).get("version") or "nothing"
+    isvc = out.get("isvc_manifest", {})
+    registered = f" (MLflow: {isvc['mlflow']})" if isvc.get("mlflow") else ""
+    return f"{isvc.get('version') or 'nothing'}{registered}"
+
+
+def tracked_run_line(run: Path, uri: str | None, experiment: str) -> list[str]:
+    """Where the MLflow run of ``run`` is, when the run was tracked."""
+    run_id = step_outputs(run, "train").get("model", {}).get(RUN_ID_KEY)
+    if uri is None or not run_id:
+        return []
+    return [f"{'mlflow:':<10}run {run_id} in experiment {experiment_name(experiment)} at {uri}"]
 
 
 # what each step's console line and the final summary say of its outputs
@@ -230,10 +308,12 @@ def run_summary(run: Path, answer: dict | None) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.mlflow_ui:
+        return serve_mlflow_ui(args.mlflow_port)
     args.threshold = promotion_threshold(args)
     RUN_DIR.mkdir(exist_ok=True)
     started = time.monotonic()
-    with object_storage():
+    with object_storage(), experiment_tracking(args.mlflow, args.mlflow_port) as tracking:
         store = ObjectStore()
         source = prepare_source(args.data, store)
         before = read_production_record(store, args.models_bucket, args.model_name)
@@ -265,9 +345,10 @@ def main(argv: list[str] | None = None) -> int:
         page = page if page is not None and page.is_file() else None
         if page is not None:
             say(f"evaluation report: {page} ({page.resolve().as_uri()})")
+        tracked = tracked_run_line(run, tracking, args.model_name) if run is not None else []
         if record is None or record == before:
             if run is not None:
-                print("\n".join(run_summary(run, None)))
+                print("\n".join(run_summary(run, None) + tracked))
             say(
                 f"the gate kept production as it was (threshold {args.threshold}); see the "
                 "gate step's log above. Nothing new to serve."
@@ -291,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(answer.json(), indent=2))
     say(f"done in {time.monotonic() - started:.0f} s")
     if run is not None:
-        print("\n".join(run_summary(run, answer.json())))
+        print("\n".join(run_summary(run, answer.json()) + tracked))
     if page is not None:
         print(f"report:   {page.resolve().as_uri()}")
     return 0
