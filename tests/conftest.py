@@ -18,16 +18,19 @@ import pytest
 
 from brainmri.dataset import MANIFEST_FILE, read_manifest
 from brainmri.demo_data import generate_demo_dataset
+from brainmri.local_mlflow import LocalMlflowServer
 from brainmri.local_s3 import LocalS3Server
-from brainmri.storage import ObjectStore
+from brainmri.storage import ObjectStore, S3Uri
+from brainmri.tracking import TRACKING_URI_ENV
 from components.ingest import ingest_dataset
 from components.split import split_manifest
 from tests.kube_emulator import kube_api  # noqa: F401  (fixture shared by promote tests)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "brain-mri" / "Training"
 # fixtures that start something real: the S3 server, the Kubernetes emulator, the model server,
-# the fake KFP API, the bundled kubectl
-INTEGRATION_FIXTURES = {"s3_env", "kube_api", "server", "api", "kubectl"}
+# the fake KFP API, the bundled kubectl, the MLflow server
+INTEGRATION_FIXTURES = {"s3_env", "kube_api", "server", "api", "kubectl", "mlflow_server"}
+os.environ.pop(TRACKING_URI_ENV, None)  # tracking is off unless a test turns it on (`tracking`)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -60,6 +63,27 @@ def s3_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    s3_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalMlflowServer]:
+    """A real ``mlflow server``: SQLite backend, artifacts in the local S3 server. Tests that
+    track set ``MLFLOW_TRACKING_URI`` to its ``url`` themselves (tracking is off by default)."""
+    server = LocalMlflowServer(tmp_path_factory.mktemp("mlflow"), S3Uri("mlflow-tests", "runs"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture()
+def tracking(mlflow_server: LocalMlflowServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Tracking on, into the test session's MLflow server, for one test."""
+    monkeypatch.setenv(TRACKING_URI_ENV, mlflow_server.url)
+    return mlflow_server.url
 
 
 @pytest.fixture()

@@ -117,6 +117,28 @@ def test_object_storage_steps_get_credentials_endpoint_and_retries(
             assert retry is None, f"{step} should not be retried"
 
 
+def test_a_tracking_server_reaches_the_steps_that_track(compiled: dict, tmp_path: Path) -> None:
+    def tracking_env(spec: dict) -> dict[str, str]:
+        executors = spec["deploymentSpec"]["executors"]
+        return {
+            name.removeprefix("exec-"): e["value"]
+            for name, executor in executors.items()
+            for e in executor["container"].get("env", [])
+            if e["name"] == "MLFLOW_TRACKING_URI"
+        }
+
+    assert tracking_env(compiled) == {}  # the default: nothing tracked
+    out = tmp_path / "tracked.yaml"
+    main(["compile", "--output", str(out), "--mlflow-tracking-uri", "http://mlflow.mlflow:5000"])
+    spec = next(yaml.safe_load_all(out.read_text()))
+    tracked = {
+        step: "http://mlflow.mlflow:5000" for step in ("train", "evaluate", "gate", "promote")
+    }
+    assert tracking_env(spec) == tracked
+    gate_inputs = spec["components"]["comp-gate"]["inputDefinitions"]["parameters"]
+    assert gate_inputs["champion_from"]["defaultValue"] == "production"
+
+
 def test_only_pure_data_steps_may_come_from_the_cache(compiled: dict) -> None:
     tasks = all_tasks(compiled)
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
