@@ -11,6 +11,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
+from brainmri.dicom import DicomError, is_dicom, read_dicom
+
 IMAGE_MODE = "RGB"  # one mode for every image, whatever the file held (L, RGB, RGBA, P)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
@@ -24,12 +26,18 @@ class ImageDecodeError(ValueError):
 
 
 def decode_image(source: bytes | Path | str) -> Image.Image:
-    """Decode by content (a PNG named .jpg is fine) and convert to :data:`IMAGE_MODE`."""
+    """Decode by content (a PNG named .jpg is fine; a DICOM file rendered as
+    :mod:`brainmri.dicom` says) and convert to :data:`IMAGE_MODE`."""
     name = "payload" if isinstance(source, bytes) else str(source)
     try:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         if not data:
             raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+        if is_dicom(data):
+            try:
+                return read_dicom(data).image
+            except DicomError as err:
+                raise ImageDecodeError(f"{name}: {err}") from err
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # forces a full decode: truncated files fail here, not later
             if img.mode in WIDE_MODES:

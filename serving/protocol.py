@@ -67,6 +67,7 @@ from kserve.errors import InvalidInput
 from kserve.utils.utils import generate_uuid
 from PIL import Image
 
+from brainmri.dicom import dicom_size, is_dicom
 from brainmri.images import ImageDecodeError, decode_image
 from brainmri.trust import NOT_BRAIN_MRI, Assessment, hottest_box
 
@@ -549,8 +550,11 @@ def decode_encoded(item: Encoded, max_pixels: int) -> Image.Image:
 def _check_dimensions(data: bytes, max_pixels: int) -> None:
     """Refuse an image whose header announces more than ``max_pixels`` before decoding it."""
     try:
-        with Image.open(io.BytesIO(data)) as probe:
-            width, height = probe.size
+        if is_dicom(data):
+            width, height = dicom_size(data)
+        else:
+            with Image.open(io.BytesIO(data)) as probe:
+                width, height = probe.size
     except Image.DecompressionBombError as err:
         raise ValueError(f"image too large to decode safely ({err})") from err
     except Exception:  # not an image: decode_image says precisely why
