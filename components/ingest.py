@@ -29,6 +29,7 @@ from brainmri import CLASS_NAMES
 from brainmri.class_folders import DatasetError, LabelledFile, list_labelled_files
 from brainmri.cpu import cpu_budget
 from brainmri.dataset import MANIFEST_FILE, NEAR_PAIRS_FILE
+from brainmri.dicom import DicomError, is_dicom, read_dicom, salt_from_env
 from brainmri.images import ImageDecodeError, decode_image
 from brainmri.registry import dataset_record_uri
 from brainmri.storage import ObjectStore, S3Uri
@@ -46,6 +47,12 @@ MANIFEST_COLUMNS = [
     "group",
     "source",
     "set",
+    # DICOM only: the file's bit depth and photometric interpretation, and the salted hashes of
+    # its PatientID (else StudyInstanceUID) and StudyInstanceUID (brainmri.dicom)
+    "bits_stored",
+    "photometric",
+    "patient",
+    "study",
 ]
 QUARANTINE_FILE = "quarantine.csv"
 DUPLICATES_FILE = "duplicates.csv"
@@ -56,6 +63,7 @@ REPORT_FILE = "ingest_report.json"
 MIN_IMAGE_SIDE = 32
 UNREADABLE, TOO_SMALL = "unreadable", "too_small"  # quarantine categories besides the layout's
 BAD_DATA = (UNREADABLE, TOO_SMALL)  # what max_quarantine_fraction counts
+DICOM_LEFT_AT_SOURCE = "its tags identify the patient; it stays at its source"
 SAMPLE_PAIRS = 6  # near-duplicate pairs shown per threshold in the data report
 GROUP_SIZE_BINS = [(2, 2), (3, 5), (6, 10), (11, 50), (51, None)]
 
@@ -84,27 +92,31 @@ def _process(item: LabelledFile, out_dir: Path, dataset_set: str, min_side: int)
     image's near-duplicate fingerprint when it is readable, its category and reason when not)."""
     data = item.read()
     record = {"label": item.label, "source": item.source, "set": dataset_set}
+    relpath, dicom = item.relpath, is_dicom(data)
     try:
         if item.problem is not None:
             raise _Quarantined(item.problem, item.reason)
-        image = decode_image(data)
-        with Image.open(io.BytesIO(data)) as header:
-            mode = header.mode
+        if dicom:
+            image, mode, data, relpath = _render_dicom(data, relpath, record)
+        else:
+            image = decode_image(data)
+            with Image.open(io.BytesIO(data)) as header:
+                mode = header.mode
         if min(image.size) < min_side:
             raise _Quarantined(
                 TOO_SMALL,
                 f"{image.width}x{image.height} px is too small to be a slice (at least "
                 f"{min_side} px a side)",
             )
-    except ImageDecodeError as err:
-        dest = Path("quarantine") / dataset_set / item.relpath
+    except (ImageDecodeError, DicomError) as err:
+        dest = Path("quarantine") / dataset_set / relpath
         reason = str(err).removeprefix("payload: ")
         record.update(path=dest.as_posix(), category=UNREADABLE, reason=reason)
     except _Quarantined as why:
-        dest = Path("quarantine") / dataset_set / item.relpath
+        dest = Path("quarantine") / dataset_set / relpath
         record.update(path=dest.as_posix(), category=why.category, reason=why.reason)
     else:
-        dest = Path("images") / dataset_set / item.relpath
+        dest = Path("images") / dataset_set / relpath
         digest = hashlib.sha256(f"{image.size}".encode() + image.tobytes()).hexdigest()
         record.update(
             path=dest.as_posix(),
@@ -114,9 +126,28 @@ def _process(item: LabelledFile, out_dir: Path, dataset_set: str, min_side: int)
             content_hash=digest,
             fingerprint=fingerprint(image),
         )
+    if dicom and record.get("reason"):  # its tags are patient data: it stays at its source only
+        record["reason"] += f" (DICOM: not copied, {DICOM_LEFT_AT_SOURCE})"
+        return record
     (out_dir / dest).parent.mkdir(parents=True, exist_ok=True)
     (out_dir / dest).write_bytes(data)
     return record
+
+
+def _render_dicom(data: bytes, relpath: str, record: dict) -> tuple[Image.Image, str, bytes, str]:
+    """A DICOM file as the dataset keeps it: the rendered slice as a PNG (pixels only, no tag
+    leaves ingest) at ``<relpath>.png``; the file's bit depth, photometric interpretation and
+    salted patient and study keys go into ``record``."""
+    rendered = read_dicom(data, salt_from_env())
+    record.update(
+        bits_stored=rendered.bits_stored,
+        photometric=rendered.photometric,
+        patient=rendered.patient_key,
+        study=rendered.study_key,
+    )
+    png = io.BytesIO()
+    rendered.image.convert("L").save(png, format="PNG")
+    return rendered.image, "DICOM", png.getvalue(), f"{relpath}.png"
 
 
 class _Quarantined(Exception):  # noqa: N818 - a verdict, raised to leave the decode path
@@ -179,7 +210,8 @@ def _near_duplicate_keys(
 
     ``image``: one value per image, its copies (identical, or within the copy threshold) in the
     same set included. ``group``: the smallest content hash among the images joined to it, in
-    its set, by pairs within the neighbour threshold (copies included), transitively.
+    its set, by pairs within the neighbour threshold (copies included) or by the same patient
+    (DICOM's salted PatientID), transitively.
     """
     images = images.reset_index(drop=True)
     pairs = near_pairs(list(images["fingerprint"]), thresholds)
@@ -190,10 +222,21 @@ def _near_duplicate_keys(
     identical = np.stack([position.to_numpy(), first.to_numpy()], axis=1)  # found or not
     copies = same_set.loc[same_set["kind"] == COPY, ["a", "b"]].to_numpy()
     images["image"] = connected_groups(len(images), np.concatenate([copies, identical]))
-    neighbours = np.concatenate([same_set[["a", "b"]].to_numpy(), identical])
+    neighbours = np.concatenate([same_set[["a", "b"]].to_numpy(), identical, _same_patient(images)])
     joined = connected_groups(len(images), neighbours)
     images["group"] = images.groupby(joined)["content_hash"].transform("min")
     return images, pairs
+
+
+def _same_patient(images: pd.DataFrame) -> np.ndarray:
+    """Pairs (by position) that join each image to the first of its patient in its set: one
+    patient's slices form one group, so the split never puts a patient on both sides."""
+    if "patient" not in images or images["patient"].isna().all():
+        return np.empty((0, 2), dtype=np.int64)
+    known = images[images["patient"].notna()]
+    position = pd.Series(np.arange(len(images)))[known.index]
+    first = position.groupby([known["set"], known["patient"]]).transform("min")
+    return np.stack([position.to_numpy(), first.to_numpy()], axis=1)
 
 
 def _kept_pairs(images: pd.DataFrame, pairs: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
