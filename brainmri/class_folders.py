@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brainmri import CLASS_NAMES
+from brainmri.dicomweb import DicomwebSource, is_dicomweb, list_pacs_files
 from brainmri.storage import ObjectStore, is_hidden, is_s3_uri, list_files
 
 # folder names used by other releases of the data set -> canonical label
@@ -125,11 +126,18 @@ def list_labelled_files(
         for folder in Path(location).iterdir():
             if folder.is_dir() and not folder.name.startswith("."):
                 canonical_label(folder.name)
-    try:
-        stored = list_files(location, store)
-    except FileNotFoundError as err:
-        raise DatasetError(f"source {err}") from err
-    files = [_classify(f.parts, f.source, f.read) for f in stored]
+    if is_dicomweb(location):  # a PACS: its labels file stands in for the class folders
+        shown = DicomwebSource.parse(location).shown
+        files = [
+            _classify((f.label_text, *f.name.split("/")), f"{shown}/{f.name}", f.read)
+            for f in list_pacs_files(location, store)
+        ]
+    else:
+        try:
+            stored = list_files(location, store)
+        except FileNotFoundError as err:
+            raise DatasetError(f"source {err}") from err
+        files = [_classify(f.parts, f.source, f.read) for f in stored]
     if not any(f.label for f in files):
         found = f"only {len(files)} file(s) outside every class folder" if files else "no files"
         raise DatasetError(f"{location} holds {found}; expected <class>/<image> files")
