@@ -41,6 +41,9 @@ DEFAULT_S3_ENDPOINT = "minio.brain-mri.svc.cluster.local:9000"
 # the Secret that manifests/base generates from credentials/pipeline.env (the pipeline's MinIO user)
 DEFAULT_S3_SECRET = "minio-credentials"
 S3_CREDENTIAL_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+# the Secret ingest reads DICOM settings from, each key optional (a run without DICOM needs none)
+DEFAULT_DICOM_SECRET = "brain-mri-dicom"
+DICOM_SECRET_KEYS = ("BRAINMRI_ID_SALT", "DICOMWEB_USERNAME", "DICOMWEB_PASSWORD", "DICOMWEB_TOKEN")
 GPU_STEP = "train"
 INGEST_STEP = "ingest"
 
@@ -191,6 +194,13 @@ class ClusterOptions:
     )
     s3_use_https: bool = _option(False, "TLS to S3", name="s3-https")
     s3_region: str | None = _option("us-east-1", "S3 region", convert=lambda text: text or None)
+    dicom_secret: str | None = _option(
+        DEFAULT_DICOM_SECRET,
+        "Secret with ingest's BRAINMRI_ID_SALT (the salt of DICOM identifier hashes) and PACS "
+        "credentials DICOMWEB_USERNAME/DICOMWEB_PASSWORD or DICOMWEB_TOKEN, each optional ('' "
+        "for none)",
+        convert=lambda text: text or None,
+    )
     mlflow_tracking_uri: str | None = _option(
         None,
         "MLflow tracking server of train, evaluate, gate and promote (their MLFLOW_TRACKING_URI;"
@@ -357,6 +367,13 @@ def configure_task(task: PipelineTask, options: ClusterOptions) -> PipelineTask:
             )
         for name, value in options.s3_env().items():
             task.set_env_variable(name, value)
+    if step == INGEST_STEP and options.dicom_secret and options.in_cluster:
+        kubernetes.use_secret_as_env(
+            task,
+            secret_name=options.dicom_secret,
+            secret_key_to_env={key: key for key in DICOM_SECRET_KEYS},
+            optional=True,
+        )
     if policy.tracks_experiments and options.mlflow_tracking_uri:
         task.set_env_variable(TRACKING_URI_ENV, options.mlflow_tracking_uri)
     if step == GPU_STEP and options.in_cluster:

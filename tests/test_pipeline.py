@@ -96,8 +96,11 @@ def test_object_storage_steps_get_credentials_endpoint_and_retries(
     with_secret = {name for name, e in platform.items() if "secretAsEnv" in e}
     assert with_secret == {f"exec-{step}" for step in OBJECT_STORAGE_STEPS}
     for step in OBJECT_STORAGE_STEPS:
-        [secret] = platform[f"exec-{step}"]["secretAsEnv"]
-        assert secret["secretName"] == "minio-credentials"
+        secrets = {s["secretName"]: s for s in platform[f"exec-{step}"]["secretAsEnv"]}
+        assert set(secrets) == {"minio-credentials"} | (
+            {"brain-mri-dicom"} if step == "ingest" else set()
+        )
+        secret = secrets["minio-credentials"]
         assert {(k["secretKey"], k["envVar"]) for k in secret["keyToEnv"]} == {
             ("AWS_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
             ("AWS_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
@@ -137,6 +140,22 @@ def test_a_tracking_server_reaches_the_steps_that_track(compiled: dict, tmp_path
     assert tracking_env(spec) == tracked
     gate_inputs = spec["components"]["comp-gate"]["inputDefinitions"]["parameters"]
     assert gate_inputs["champion_from"]["defaultValue"] == "production"
+
+
+def test_ingest_gets_the_dicom_salt_and_pacs_credentials_each_optional(
+    compiled_both: tuple[dict, dict],
+) -> None:
+    _, platform = compiled_both
+    [dicom] = [
+        s for s in platform["exec-ingest"]["secretAsEnv"] if s["secretName"] != "minio-credentials"
+    ]
+    assert dicom["secretName"] == "brain-mri-dicom" and dicom["optional"] is True
+    assert {k["envVar"] for k in dicom["keyToEnv"]} == {
+        "BRAINMRI_ID_SALT",
+        "DICOMWEB_USERNAME",
+        "DICOMWEB_PASSWORD",
+        "DICOMWEB_TOKEN",
+    }
 
 
 def test_only_pure_data_steps_may_come_from_the_cache(compiled: dict) -> None:
@@ -199,6 +218,8 @@ def test_cli_compile_applies_the_cluster_flags(tmp_path: Path) -> None:
             "--resources",
             "train:memory_limit=32Gi,cpu_limit=16",
             "--s3-secret",
+            "",
+            "--dicom-secret",
             "",
             "--retries",
             "0",
