@@ -19,8 +19,9 @@ GPU ?=
 CLUSTER_FLAGS = --image $(COMPONENT_IMAGE) --default-serving-image $(SERVING_IMAGE) $(if $(GPU),--gpu)
 # Debian packages the local runs use when present (the component image installs them too)
 DEBIAN_PACKAGES := libtcmalloc-minimal4
-# what only the tests use: a real browser renders the HTML run report (tests/test_html_report.py)
-TEST_DEBIAN_PACKAGES := chromium
+# what only the tests use: a real browser renders the HTML run report (tests/test_html_report.py);
+# a real PACS, Orthanc with DICOMweb, is the DICOMweb source (tests/test_pacs.py)
+TEST_DEBIAN_PACKAGES := chromium orthanc orthanc-dicomweb
 # training's malloc, as in the component image: tcmalloc steps 1.10x glibc's at 1/70 of its page
 # faults (benchmarks/results/allocators.json); recursive, so it sees what debian-packages installed
 TCMALLOC_LIB = $(firstword $(wildcard /usr/lib/*-linux-gnu/libtcmalloc_minimal.so.4))

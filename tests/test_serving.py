@@ -31,6 +31,7 @@ from prometheus_client import REGISTRY
 from brainmri import CLASS_NAMES
 from brainmri.backbones import get_backbone
 from brainmri.demo_data import synthetic_slice
+from brainmri.demo_dicom import DemoPatient, dicom_instance
 from brainmri.images import PreprocessConfig, decode_image
 from brainmri.local_servers import free_ports
 from brainmri.model import ModelBundle, build_model
@@ -590,6 +591,41 @@ def test_server_v2_infer(server: Server) -> None:
     assert outputs["label"]["data"][0] in CLASS_NAMES
     assert sum(outputs["probabilities"]["data"]) == pytest.approx(1.0, abs=1e-5)
     assert response.json()["model_version"] == "v1"
+
+
+def test_server_answers_a_dicom_instance_as_ingest_renders_it(server: Server) -> None:
+    """A 12-bit DICOM MR instance in v1 ``image_bytes`` and in v2 BYTES gets the answer its
+    pixels get as a PNG (one rendering, brainmri.dicom); the answer says nothing of the patient."""
+    patient = DemoPatient.numbered("meningioma", 5)
+    pixels = synthetic_slice("meningioma", np.random.default_rng(1), 64)
+    dicom = dicom_instance(pixels, patient, bits_stored=12)
+    png = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(png, "PNG")
+    v1 = requests.post(
+        f"{server.url}/v1/models/{MODEL_NAME}:predict",
+        json=v1_body(dicom, png.getvalue()),
+        timeout=30,
+    )
+    assert v1.status_code == 200, v1.text
+    from_dicom, from_png = v1.json()["predictions"]
+    assert from_dicom["probabilities"] == pytest.approx(from_png["probabilities"], abs=1e-6)
+    tensor = {"name": "image_bytes", "shape": [1], "datatype": "BYTES", "data": [b64(dicom)]}
+    v2 = requests.post(
+        f"{server.url}/v2/models/{MODEL_NAME}/infer", json={"inputs": [tensor]}, timeout=30
+    )
+    assert v2.status_code == 200, v2.text
+    outputs = {o["name"]: o for o in v2.json()["outputs"]}
+    assert outputs["probabilities"]["data"] == pytest.approx(
+        list(from_png["probabilities"].values()), abs=1e-6
+    )
+    answers = v1.text + v2.text
+    assert not [value for value in patient.values() if value in answers]
+    unreadable = dicom_instance(pixels, patient, pixel_data=False)
+    refused = requests.post(
+        f"{server.url}/v1/models/{MODEL_NAME}:predict", json=v1_body(unreadable), timeout=30
+    )
+    assert refused.status_code == 400 and "DICOM without pixel data" in refused.text
+    assert patient.patient_id not in refused.text
 
 
 def test_server_grpc_infer_with_raw_bytes(server: Server) -> None:
