@@ -20,7 +20,9 @@ of its study, series and SOP instance UIDs (:func:`brainmri.dicom.identifier_key
 from __future__ import annotations
 
 import io
+import logging
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit, urlunsplit
@@ -45,6 +47,33 @@ RETRIES = Retry(
     allowed_methods=("GET",),
     raise_on_status=False,
 )
+
+
+UID_PATTERN = re.compile(r"\b[0-2](?:\.\d+){3,}\b")  # a DICOM UID: dotted digits
+
+
+class RedactUids(logging.Filter):
+    """Replace every DICOM UID in a log record by ``<uid>``: dicomweb-client logs the UIDs of
+    what it searches and retrieves, and urllib3 the URLs it retries."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if UID_PATTERN.search(message):
+            record.msg, record.args = UID_PATTERN.sub("<uid>", message), None
+        return True
+
+
+def redact_client_logs() -> None:
+    """Install :class:`RedactUids` on the loggers of dicomweb-client and urllib3 (once)."""
+    names = [
+        name
+        for name in logging.root.manager.loggerDict
+        if name.startswith(("dicomweb_client", "urllib3"))
+    ]
+    for name in {"dicomweb_client.web", "urllib3.connectionpool", *names}:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactUids) for f in logger.filters):
+            logger.addFilter(RedactUids())
 
 
 class PacsError(StorageError):
@@ -203,6 +232,7 @@ def list_pacs_files(location: str, store: ObjectStore | None = None) -> list[Pac
     """Every instance the labels file names, found in the PACS; nothing fetched yet."""
     from dicomweb_client.api import DICOMwebClient
 
+    redact_client_logs()
     source = DicomwebSource.parse(location)
     labels = read_labels(source.labels, store)
     salt = salt_from_env()

@@ -59,8 +59,9 @@ def _assign(groups: pd.DataFrame, val_fraction: float, test_fraction: float) -> 
     for label, rows in groups.groupby("label"):
         if len(rows) < 3:
             raise ValueError(
-                f"class {label!r} has fewer than 3 distinct images (groups of copies and "
-                f"neighbours: {len(rows)}); a stratified train/val/test split needs 3 per class"
+                f"class {label!r} has fewer than 3 distinct images (groups of copies, "
+                f"neighbours and patients: {len(rows)}); a stratified train/val/test split "
+                "needs 3 per class"
             )
         total, filled = rows["size"].sum(), dict.fromkeys(shares, 0)
         for key, size in rows.sort_values("order")["size"].items():
