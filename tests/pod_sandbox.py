@@ -106,7 +106,9 @@ class Pod:
                 env[item["name"]] = str(item["value"])
             else:
                 ref = item["valueFrom"]["secretKeyRef"]
-                env[item["name"]] = self.secrets[ref["name"], ref["key"]]
+                if (ref["name"], ref["key"]) in self.secrets or not ref.get("optional"):
+                    env[item["name"]] = self.secrets[ref["name"], ref["key"]]  # as the kubelet:
+                # a missing required key fails the pod; a missing optional one leaves it unset
         for source in self.container.get("envFrom") or []:
             name = source["secretRef"]["name"]
             env.update({k: v for (secret, k), v in self.secrets.items() if secret == name})

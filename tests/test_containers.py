@@ -201,7 +201,11 @@ def step_pod(
                 {
                     "name": pair["envVar"],
                     "valueFrom": {
-                        "secretKeyRef": {"name": source["secretName"], "key": pair["secretKey"]}
+                        "secretKeyRef": {
+                            "name": source["secretName"],
+                            "key": pair["secretKey"],
+                            "optional": bool(source.get("optional", False)),
+                        }
                     },
                 }
             )

@@ -4,6 +4,7 @@ patient-level grouping across the split, and no patient data in any artifact of 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -24,6 +25,7 @@ from brainmri.dicom import (
 )
 from brainmri.images import ImageDecodeError, decode_image
 from brainmri.settings import SettingsError
+from tests.phi import run_and_search
 
 SALT = "test-salt-0123456789abcdef"
 PATIENT = DemoPatient.numbered("glioma", 7)
@@ -82,6 +84,21 @@ def test_the_file_window_is_applied_as_the_standard_defines_it() -> None:
     assert (rendered[stored <= 1535] == 0).all() and (rendered[stored > 2560] == 255).all()
 
 
+def unsupported_syntax() -> bytes:
+    """An instance whose pixel data is in a transfer syntax no installed decoder reads (MPEG-2)."""
+    from pydicom import dcmread
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import MPEG2MPML
+
+    ds = dcmread(io.BytesIO(dicom_instance(PIXELS, PATIENT)))
+    ds.file_meta.TransferSyntaxUID = MPEG2MPML
+    ds.PixelData = encapsulate([b"\x00\x00\x01\xb3 not really a video"])
+    ds["PixelData"].VR = "OB"
+    out = io.BytesIO()
+    ds.save_as(out)
+    return out.getvalue()
+
+
 def test_what_cannot_be_rendered_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DicomError, match="without pixel data"):
         read_dicom(dicom_instance(PIXELS, PATIENT, pixel_data=False))
@@ -90,6 +107,8 @@ def test_what_cannot_be_rendered_says_why(monkeypatch: pytest.MonkeyPatch) -> No
         read_dicom(frames)
     with pytest.raises(ImageDecodeError, match="payload: DICOM with 3 frames"):
         decode_image(frames)
+    with pytest.raises(DicomError, match="transfer syntax MPEG2 .* cannot be decoded"):
+        read_dicom(unsupported_syntax())
     monkeypatch.setenv(FRAME_POLICY_ENV, "middle")
     assert (grey(read_dicom(frames).image) == PIXELS).all()
     monkeypatch.setenv(FRAME_POLICY_ENV, "all")
@@ -193,49 +212,17 @@ def phi_values(patients: list[DemoPatient]) -> set[str]:
 
 
 def test_no_patient_data_leaves_a_pipeline_run(
-    s3_env: dict,
-    dicom_tree: tuple,
-    tmp_path: pytest.TempPathFactory,
-    capfd: pytest.CaptureFixture,
+    s3_env: dict, dicom_tree: tuple, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     """Every artifact of a kfp.local run over tagged DICOM files (dataset, reports, metrics,
     model bundle, records in the models bucket) and its output are searched for every
     patient's name, ID, birth date and accession number."""
-    from dataclasses import replace
-
-    from brainmri.storage import ObjectStore, S3Uri
-    from components.config import DEMO_TRAINING, to_dict
-    from pipelines.__main__ import run_local
-
     root, patients = dicom_tree
     raw = b"".join(p.read_bytes() for p in root.rglob("*.dcm"))
     assert all(value.encode() in raw for value in phi_values(patients))  # what is looked for
-    demo = replace(DEMO_TRAINING, epochs=2, batch_size=16)
-    arguments = {
-        "source": str(root),
-        "models_bucket": "dicom-models",
-        "model_name": "dicom",
-        "train": to_dict(demo),
-        "threshold": 0.0,
-        "max_quarantine_fraction": 0.1,
-    }
-    run_local(arguments, tmp_path / "root")
-    output = capfd.readouterr()
-    store = ObjectStore()
-    published = {
-        key: store.get_bytes(S3Uri("dicom-models", key))
-        for key in store.list_keys(S3Uri("dicom-models", ""))
-    }
-    files = {str(p): p.read_bytes() for p in (tmp_path / "root").rglob("*") if p.is_file()}
-    assert any(k.endswith("model.pt") for k in published)  # it did train and promote
-    assert any(name.endswith("html_report") for name in files)
-    texts = {**files, **published, "stdout": output.out.encode(), "stderr": output.err.encode()}
-    found = [
-        (value, where)
-        for value in sorted(phi_values(patients))
-        for where, data in texts.items()
-        if value.encode() in data or value.replace("^", " ").encode() in data
-    ]
+    found = run_and_search(
+        str(root), tmp_path / "root", "dicom-models", phi_values(patients), capfd
+    )
     assert not found, f"patient data in artifacts: {found[:5]}"
     manifest = pd.read_csv(next(p for p in (tmp_path / "root").rglob("manifest.csv")))
     assert manifest["patient"].notna().all()  # the salted keys are there instead

@@ -60,6 +60,10 @@ def test_ingests_every_class(demo_dir: Path, tmp_path: Path) -> None:
         "group",
         "source",
         "set",
+        "bits_stored",
+        "photometric",
+        "patient",
+        "study",
     ]
     assert len(manifest) == 48 and set(manifest["label"]) == set(CLASS_NAMES)
     assert all((tmp_path / "out" / p).is_file() for p in manifest["path"])

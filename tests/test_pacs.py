@@ -20,7 +20,7 @@ from brainmri.dicomweb import DicomwebSource, PacsError, read_labels
 from brainmri.local_servers import free_ports
 from tests import orthanc
 
-SLICES, PATIENTS_PER_CLASS = 4, 2
+SLICES, PATIENTS_PER_CLASS = 4, 3
 
 
 @pytest.fixture(scope="module")
@@ -43,15 +43,24 @@ def pacs(tmp_path_factory: pytest.TempPathFactory) -> tuple:
                     synthetic_slice(label, rng, 64), patient, bits_stored=12, instance=instance
                 )
                 server.upload(data)
-            study = dcmread(io.BytesIO(data)).StudyInstanceUID
-            rows.append({"StudyInstanceUID": study, "label": label})
-            values.add(study)
+            header = dcmread(io.BytesIO(data))
+            rows.append(
+                {
+                    "StudyInstanceUID": header.StudyInstanceUID,
+                    "SeriesInstanceUID": header.SeriesInstanceUID,
+                    "label": label,
+                }
+            )
+            values |= {header.StudyInstanceUID, header.SeriesInstanceUID}
     report = dicom_instance(
         synthetic_slice("glioma", rng, 64), patient, instance=99, pixel_data=False
     )
     server.upload(report)  # in the last patient's study: found, fetched, quarantined
     labels = tmp_path_factory.mktemp("labels") / "labels.csv"
-    pd.DataFrame(rows).to_csv(labels, index=False)
+    pd.DataFrame(rows).drop(columns="SeriesInstanceUID").to_csv(labels, index=False)
+    pd.DataFrame(rows).drop(columns="StudyInstanceUID").to_csv(
+        labels.with_name("series.csv"), index=False
+    )
     try:
         yield server, labels, values
     finally:
@@ -133,3 +142,25 @@ def test_make_run_takes_a_pacs_source_like_any_other(credentials: str) -> None:
 
     label, data = query_image(credentials, None)
     assert label in CLASS_NAMES and data[128:132] == b"DICM"
+
+
+def test_a_labels_file_may_name_series_instead_of_studies(credentials: str, pacs: tuple) -> None:
+    from brainmri.class_folders import list_labelled_files
+
+    server, labels, _ = pacs
+    series = labels.with_name("series.csv")
+    files = list_labelled_files(f"dicomweb+{server.dicomweb_url}?labels={series}")
+    # every slice, and the report instance (it is in the last patient's series too)
+    assert len(files) == len(CLASS_NAMES) * PATIENTS_PER_CLASS * SLICES + 1
+    assert {f.label for f in files} == set(CLASS_NAMES)
+
+
+def test_the_pipeline_trains_from_the_pacs_and_no_identifier_leaves_it(
+    s3_env: dict, credentials: str, pacs: tuple, tmp_path: Path, capfd: pytest.CaptureFixture
+) -> None:
+    """``make run DATA=dicomweb+...`` runs this DAG: ingest from the PACS, then every step; no
+    name, ID, birth date, accession number or UID in any artifact, record or output."""
+    from tests.phi import run_and_search
+
+    found = run_and_search(credentials, tmp_path / "root", "pacs-models", pacs[2], capfd)
+    assert not found, f"identifiers in artifacts: {found[:5]}"
