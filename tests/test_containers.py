@@ -173,10 +173,15 @@ def compiled_steps() -> tuple[dict, dict]:
 
 
 def step_pod(
-    name: str, arguments: dict[str, Any], task_root: Path, s3_env: dict[str, str]
+    name: str,
+    arguments: dict[str, Any],
+    task_root: Path,
+    s3_env: dict[str, str],
+    more_secrets: dict[tuple[str, str], str] | None = None,
 ) -> tuple[Pod, Path]:
     """The pod of step ``name`` as KFP starts it, its {{$}} an executor input for
-    ``arguments``; returns it and where its executor output goes."""
+    ``arguments``, the cluster's Secrets the MinIO credentials and ``more_secrets``; returns it
+    and where its executor output goes."""
     spec, platforms = compiled_steps()
     executor = spec["deploymentSpec"]["executors"][f"exec-{name}"]["container"]
     component = json_format.ParseDict(
@@ -219,7 +224,7 @@ def step_pod(
     container["volumeMounts"] = [{"name": "tmp", "mountPath": "/tmp"}]
     secrets = {
         ("minio-credentials", k): s3_env[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
-    }
+    } | (more_secrets or {})
     overrides = {"S3_ENDPOINT": s3_env["S3_ENDPOINT"], "S3_RETRY_S": "2"}
     output_file = Path(json.loads(text)["outputs"]["outputFile"])
     pod = Pod(
@@ -253,6 +258,27 @@ def test_ingest_runs_from_the_compiled_yaml_as_its_pod(
     assert result["parameterValues"]["Output"] is True
     manifest = next((tmp_path / "ingest").rglob("manifest.csv"))
     assert len(manifest.read_text().splitlines()) == 1 + 48
+
+
+def test_ingest_pod_reads_dicom_with_the_salt_of_its_optional_secret(
+    s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """DICOM from the bucket: with the Secret brain-mri-dicom the pod keeps salted patient
+    keys; without it (the Secret is optional) it starts and stops saying how to set the salt."""
+    from brainmri.demo_dicom import generate_demo_dicom
+
+    generate_demo_dicom(tmp_path / "dicom", per_class=6, size=48, seed=1, slices_per_patient=2)
+    ObjectStore().upload_dir(tmp_path / "dicom", S3Uri("models", "dicom"), progress=False)
+    arguments = {"source": "s3://models/dicom", "copy_threshold": 2.0, "neighbour_threshold": 8.0}
+    salt = {("brain-mri-dicom", "BRAINMRI_ID_SALT"): "pod-salt-0123456789abcdef"}
+    pod, output_file = step_pod("ingest", arguments, tmp_path / "salted", s3_env, salt)
+    outcome = run_pod(pod, timeout_s=180)
+    assert outcome.returncode == 0 and output_file.is_file(), outcome.output[-4000:]
+    manifest = next((tmp_path / "salted").rglob("manifest.csv")).read_text()
+    assert manifest.count(",DICOM,") == 24 and "PID-" not in manifest
+    pod, _ = step_pod("ingest", arguments, tmp_path / "unsalted", s3_env)
+    outcome = run_pod(pod, timeout_s=180)
+    assert outcome.returncode != 0 and "BRAINMRI_ID_SALT is not set" in outcome.output
 
 
 @pytest.mark.parametrize("step", ["split", "train", "evaluate", "gate", "promote"])
