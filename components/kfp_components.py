@@ -247,8 +247,8 @@ def evaluate(
     tracked = attach_run(model.metadata.get(RUN_ID_KEY))  # checked before the work
     bundle = load_bundle(Path(model.path))
     result = evaluate_split(bundle, Path(dataset.path), split_csv)
-    scores = result.scalar_metrics()
-    for name, value in scores.items():
+    test_scores = result.scalar_metrics()
+    for name, value in test_scores.items():
         metrics.log_metric(name, value)
     result.predictions.to_csv(predictions.path, index=False)
     if result.trust is not None and result.trust.reliability_png:
@@ -285,7 +285,7 @@ def evaluate(
         report.path: "report.md",
         predictions.path: "predictions.csv",
     }
-    log_evaluation(tracked, scores, named)
+    log_evaluation(tracked, test_scores, named)
     if tracked is not None:
         predictions.metadata[RUN_ID_KEY] = tracked.run_id  # for the gate
     return NamedTuple("EvaluateOutputs", [("accuracy", float)])(result.accuracy)
