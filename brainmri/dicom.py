@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from brainmri.images import stretch_to_uint8
 from brainmri.settings import SettingsError
 
 PREAMBLE_BYTES, MAGIC = 128, b"DICM"
@@ -167,16 +168,7 @@ def _to_8_bits(
 ) -> Image.Image:
     """Map ``output_range`` (the VOI LUT's; without one, the values' own lowest to highest)
     linearly onto 0..255, inverted for MONOCHROME1; RGB."""
-    finite = values[np.isfinite(values)]
-    if output_range is not None:
-        low, high = output_range
-    else:
-        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if high <= low:
-        scaled = np.zeros(values.shape, dtype=np.uint8)
-    else:
-        stretched = (np.nan_to_num(values, nan=low) - low) * (255.0 / (high - low))
-        scaled = np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
+    scaled = stretch_to_uint8(values, output_range)
     if invert:
         scaled = 255 - scaled
     return Image.fromarray(scaled).convert("RGB")

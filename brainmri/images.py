@@ -11,8 +11,6 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms import v2
 
-from brainmri.dicom import DicomError, is_dicom, read_dicom
-
 IMAGE_MODE = "RGB"  # one mode for every image, whatever the file held (L, RGB, RGBA, P)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".gif", ".webp")
 
@@ -33,6 +31,8 @@ def decode_image(source: bytes | Path | str) -> Image.Image:
         data = source if isinstance(source, bytes) else Path(source).read_bytes()
         if not data:
             raise ImageDecodeError(f"{name}: empty file (0 bytes)")
+        from brainmri.dicom import DicomError, is_dicom, read_dicom  # it builds on this module
+
         if is_dicom(data):
             try:
                 return read_dicom(data).image
@@ -61,15 +61,23 @@ def to_8_bits(image: Image.Image) -> Image.Image:
     """A wide greyscale image stretched linearly from its own darkest to brightest pixel onto
     0..255 (PIL's own conversion clips at 255, which turns a 16-bit slice almost all white);
     a constant image becomes black."""
-    pixels = np.asarray(image, dtype=np.float64)
-    finite = pixels[np.isfinite(pixels)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
-    if high <= low:
-        scaled = np.zeros(pixels.shape, dtype=np.uint8)
+    return Image.fromarray(stretch_to_uint8(np.asarray(image, dtype=np.float64)))  # mode L
+
+
+def stretch_to_uint8(
+    values: np.ndarray, value_range: tuple[float, float] | None = None
+) -> np.ndarray:
+    """``value_range`` (default: the finite values' lowest to highest) mapped linearly onto
+    0..255, clipped, NaN as the lowest; an empty range gives zeros."""
+    finite = values[np.isfinite(values)]
+    if value_range is not None:
+        low, high = value_range
     else:
-        stretched = (np.nan_to_num(pixels, nan=low) - low) * (255.0 / (high - low))
-        scaled = np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
-    return Image.fromarray(scaled)  # uint8, 2-D: mode L
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    stretched = (np.nan_to_num(values, nan=low) - low) * (255.0 / (high - low))
+    return np.clip(np.rint(stretched), 0, 255).astype(np.uint8)
 
 
 @dataclass(frozen=True)
