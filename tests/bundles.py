@@ -13,6 +13,7 @@ from brainmri.dataset import MANIFEST_FILE, read_manifest
 from brainmri.demo_data import generate_demo_dataset
 from brainmri.images import PreprocessConfig
 from brainmri.model import ModelBundle, build_model
+from brainmri.storage import ObjectStore, S3Uri
 from components.config import DEMO_TRAINING, DEMO_VAL_FRACTION, TEST_FRACTION
 from components.ingest import ingest_dataset
 from components.split import split_manifest
@@ -53,3 +54,13 @@ def train_demo_model(
     )
     train_model(run, progress=False)
     return split
+
+
+def upload_demo_set(folder: Path, bucket: str, per_class: int, seed: int) -> str:
+    """A generated 64 px demo set written to ``folder`` and uploaded to ``s3://<bucket>/demo``
+    (the local S3 server of the environment); its URI."""
+    generate_demo_dataset(folder, per_class=per_class, size=64, seed=seed, progress=False)
+    store = ObjectStore()
+    store.ensure_bucket(bucket)
+    store.upload_dir(folder, S3Uri(bucket, "demo"), progress=False)
+    return f"s3://{bucket}/demo"

@@ -7,13 +7,13 @@ import pytest
 import yaml
 from kfp import dsl
 
-from brainmri.demo_data import generate_demo_dataset
 from brainmri.registry import dataset_record_uri, production_record_uri
 from brainmri.storage import ObjectStore, S3Uri
 from components.config import DEMO_TRAINING, to_dict
 from pipelines.__main__ import DEFAULT_YAML, compile_pipeline, main, run_local
 from pipelines.cluster import ClusterOptions, apply_cluster_options
 from pipelines.pipeline import build_pipeline
+from tests.bundles import upload_demo_set
 
 STEPS = {"ingest", "split", "train", "evaluate", "gate", "promote"}
 OBJECT_STORAGE_STEPS = {"ingest", "train", "gate", "promote"}
@@ -285,12 +285,7 @@ def test_cli_compile_writes_yaml(tmp_path: Path, capsys: pytest.CaptureFixture) 
 @pytest.fixture(scope="module")
 def demo_source(s3_env: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A demo set big enough for the tiny CNN to pass a 0.5 gate reliably, in the bucket."""
-    images = tmp_path_factory.mktemp("e2e-demo")
-    generate_demo_dataset(images, per_class=30, size=64, seed=2, progress=False)
-    store = ObjectStore()
-    store.ensure_bucket("e2e-data")
-    store.upload_dir(images, S3Uri("e2e-data", "demo"), progress=False)
-    return "s3://e2e-data/demo"
+    return upload_demo_set(tmp_path_factory.mktemp("e2e-demo"), "e2e-data", 30, seed=2)
 
 
 def run(source: str, tmp_path: Path, epochs: int = 12, **params: object) -> None:

@@ -12,10 +12,9 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from brainmri.demo_data import generate_demo_dataset
 from brainmri.local_servers import free_ports, http_status
 from brainmri.registry import production_record_uri
-from brainmri.storage import ObjectStore, S3Uri
+from brainmri.storage import ObjectStore
 from brainmri.tracking import (
     CHAMPION_ALIAS,
     TRACKING_URI_ENV,
@@ -36,6 +35,7 @@ from components.experiment_log import (
 from components.gate import find_champion
 from pipelines import quickstart
 from pipelines.__main__ import run_local
+from tests.bundles import upload_demo_set
 
 MODELS = "tracked-models"
 EPOCHS = 3
@@ -43,12 +43,7 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def tracked_source(s3_env: dict, tmp_path_factory: pytest.TempPathFactory) -> str:
-    images = tmp_path_factory.mktemp("tracked-demo")
-    generate_demo_dataset(images, per_class=16, size=64, seed=4, progress=False)
-    store = ObjectStore()
-    store.ensure_bucket("tracked-data")
-    store.upload_dir(images, S3Uri("tracked-data", "demo"), progress=False)
-    return "s3://tracked-data/demo"
+    return upload_demo_set(tmp_path_factory.mktemp("tracked-demo"), "tracked-data", 16, seed=4)
 
 
 def run_pipeline(source: str, root: Path, model_name: str, **params: object) -> Path:
